@@ -1,0 +1,195 @@
+"""The `hookd` command: flags and `HOOKD_<FLAG>` environment variables into one `Settings`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hookd.settings import Settings, default_pool_size
+
+ENV_PREFIX = "HOOKD_"
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT or :PORT (all interfaces) into (host, port)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT, got {value!r}")
+    if ":" in host and not host.startswith("["):
+        raise argparse.ArgumentTypeError(f"--listen wants [ADDRESS]:PORT for IPv6, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--listen port must be a number, got {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"--listen port must be 0-65535, got {port}")
+    return host, port
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(ENV_PREFIX + name, "").strip().lower()
+    if raw in TRUE_WORDS:
+        return True
+    if raw in FALSE_WORDS:
+        return False
+    raise SystemExit(f"hookd: {ENV_PREFIX}{name} must be one of 1/0, true/false, yes/no; got {raw!r}")
+
+
+def env_value(env: Mapping[str, str], name: str, convert: Callable[[str], Any], default: Any) -> Any:
+    raw = env.get(ENV_PREFIX + name)
+    if raw is None:
+        return default
+    try:
+        return convert(raw)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        raise SystemExit(f"hookd: {ENV_PREFIX}{name}={raw!r}: {exc}") from None
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hookd",
+        description="Aperture pre_request hook that compresses LLM conversations with headroom-ai. "
+        "Every flag can also be set as HOOKD_<FLAG> in the environment (HOOKD_POOL_SIZE=4, "
+        "HOOKD_NO_AFFINITY=1); a flag on the command line wins.",
+    )
+    parser.add_argument(
+        "--listen",
+        type=parse_listen,
+        default=env_value(env, "LISTEN", parse_listen, ("127.0.0.1", 8080)),
+        metavar="HOST:PORT",
+        help="address to serve on (default 127.0.0.1:8080). Loopback by default because a hook "
+        "sees whole conversations; expose it only on a network you trust.",
+    )
+    parser.add_argument(
+        "--pool-size",
+        type=positive_int,
+        default=env_value(env, "POOL_SIZE", positive_int, default_pool_size()),
+        metavar="N",
+        help="worker processes, each compressing one request at a time (default: CPU count, %(default)s here)",
+    )
+    parser.add_argument(
+        "--max-compress",
+        type=positive_float,
+        default=env_value(env, "MAX_COMPRESS", positive_float, 60.0),
+        metavar="SECONDS",
+        help="hard cap on one compression; a worker past it is killed and respawned and the "
+        "request is answered allow (default %(default)s)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=env_value(env, "STATE_DIR", Path, Path("hookd-state")),
+        metavar="DIR",
+        help="where hookd keeps its own settings, never request content "
+        "(default ./hookd-state; the systemd unit uses $STATE_DIRECTORY)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=env_flag(env, "VERBOSE"),
+        help="print one summary line per request on stdout (sizes, timings, outcome; never content)",
+    )
+    parser.add_argument(
+        "--no-affinity",
+        action="store_true",
+        default=env_flag(env, "NO_AFFINITY"),
+        help="send each request to any free worker instead of its session's worker "
+        "(loses headroom's warm per-process cache; for comparison)",
+    )
+    parser.add_argument(
+        "--no-accept-compressed",
+        action="store_true",
+        default=env_flag(env, "NO_ACCEPT_COMPRESSED"),
+        help="do not advertise Accept-Encoding: zstd, br, gzip on responses (RFC 7694); "
+        "compressed request bodies are still decoded",
+    )
+    parser.add_argument(
+        "--no-compress-response",
+        action="store_true",
+        default=env_flag(env, "NO_COMPRESS_RESPONSE"),
+        help="never encode answers, even when the caller's Accept-Encoding allows it",
+    )
+    parser.add_argument(
+        "--affinity-wait",
+        type=non_negative_float,
+        default=env_value(env, "AFFINITY_WAIT", non_negative_float, 0.5),
+        metavar="SECONDS",
+        help="how long a request waits for its session's busy worker before spilling to a free "
+        "one (default %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-timeout",
+        type=positive_float,
+        default=env_value(env, "QUEUE_TIMEOUT", positive_float, 2.0),
+        metavar="SECONDS",
+        help="longest wait for any free worker before answering allow(overload) "
+        "(default %(default)s, well under Aperture's 5 s hook timeout)",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=positive_float,
+        default=env_value(env, "READ_TIMEOUT", positive_float, 30.0),
+        metavar="SECONDS",
+        help="longest time to receive a request body before answering allow(read-error) (default %(default)s)",
+    )
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    environment = os.environ if env is None else env
+    args = build_parser(environment).parse_args(argv)
+    host, port = args.listen
+    return Settings(
+        host=host,
+        port=port,
+        pool_size=args.pool_size,
+        max_compress=args.max_compress,
+        state_dir=args.state_dir,
+        verbose=args.verbose,
+        affinity=not args.no_affinity,
+        accept_compressed=not args.no_accept_compressed,
+        compress_response=not args.no_compress_response,
+        affinity_wait=args.affinity_wait,
+        queue_timeout=args.queue_timeout,
+        read_timeout=args.read_timeout,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    from hookd.server import serve
+
+    return serve(settings)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

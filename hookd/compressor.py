@@ -1,0 +1,56 @@
+"""The one seam between the front end and the workers.
+
+The server hands a `Job` to a `Compressor` and gets a `Result` or an exception back. The real
+implementation is `pool.WorkerPool`; tests put a fake behind the same interface so every branch
+of the handler runs without spawning a process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Job:
+    messages: list[Any]
+    model: str
+    key: bytes
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """What a worker made of a job. `messages` is the full list, unchanged entries shared."""
+
+    messages: list[Any]
+    tokens_before: int = 0
+    tokens_after: int = 0
+    model_limit: int = 0
+    worker_ms: float = 0.0
+    wait_ms: float = 0.0
+    slot: int = -1
+    cold: bool = False
+    # "hit": the session's own worker; "spill": another one; "any": affinity is off.
+    placement: str = "any"
+    markers_removed: int = 0
+
+
+class CompressorError(Exception):
+    """The call failed; the request is answered `allow(error)`."""
+
+
+class Overloaded(CompressorError):
+    """No worker came free in time; the request is answered `allow(overload)`."""
+
+
+class Compressor(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def ready(self) -> bool: ...
+
+    def worker_info(self) -> list[dict[str, Any]]: ...
+
+    async def compress(self, job: Job) -> Result: ...

@@ -1,0 +1,147 @@
+"""Every counter hookd keeps, in Prometheus form (prometheus-client does the exposition format).
+
+The `headroom_*` names are the ones tsheadroom and headroom's own proxy export, so existing
+dashboards keep working; `hookd_*` series are ours. Label values are bounded: outcomes and
+providers come from small fixed sets, model names are capped (see `ModelLabels`).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from hookd.summary import Record
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BYTES_BUCKETS = tuple(float(2**p) for p in range(10, 27, 2))  # 1 KiB .. 64 MiB
+KNOWN_PROVIDERS = frozenset(
+    {
+        "anthropic",
+        "openai",
+        "google",
+        "gemini",
+        "bedrock",
+        "vertex",
+        "azure",
+        "deepseek",
+        "mistral",
+        "xai",
+        "groq",
+        "openrouter",
+    }
+)
+MAX_MODEL_LABELS = 64
+MAX_LABEL_CHARS = 80
+# Outcomes that mean "we meant to compress and could not": tsheadroom's failed counter.
+FAILED_OUTCOMES = frozenset({"allow(error)", "allow(invalid-output)", "allow(overload)"})
+
+
+class ModelLabels:
+    """Model names come from clients, so their number is unbounded: the first 64 seen get their
+    own label value and every later one is counted as "other"."""
+
+    def __init__(self, limit: int = MAX_MODEL_LABELS) -> None:
+        self.limit = limit
+        self.known: set[str] = set()
+
+    def label(self, model: str) -> str:
+        model = model[:MAX_LABEL_CHARS] or "unknown"
+        if model in self.known:
+            return model
+        if len(self.known) < self.limit:
+            self.known.add(model)
+            return model
+        return "other"
+
+
+def provider_label(provider: str) -> str:
+    provider = provider.lower()
+    if not provider:
+        return "unknown"
+    return provider if provider in KNOWN_PROVIDERS else "other"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.models = ModelLabels()
+        self.requests = Counter("headroom_requests", "Hook calls that reached the compressor", registry=r)
+        self.requests_failed = Counter(
+            "headroom_requests_failed", "Hook calls whose compression failed (answered allow)", registry=r
+        )
+        self.tokens_input = Counter("headroom_tokens_input", "Tokens in messages before compression", registry=r)
+        self.tokens_saved = Counter("headroom_tokens_saved", "Tokens removed by answers of modify", registry=r)
+        self.by_provider = Counter(
+            "headroom_requests_by_provider", "Hook calls by upstream provider", ["provider"], registry=r
+        )
+        self.by_model = Counter("headroom_requests_by_model", "Hook calls by model", ["model"], registry=r)
+        self.inbound = Counter("headroom_inbound_requests", "HTTP requests received on the hook", registry=r)
+        self.inbound_completed = Counter(
+            "headroom_inbound_requests_completed", "HTTP requests on the hook that were answered", registry=r
+        )
+        self.inbound_active = Gauge("headroom_inbound_requests_active", "Hook requests in progress", registry=r)
+        self.outcomes = Counter("hookd_outcomes", "Answers by outcome", ["outcome"], registry=r)
+        self.duration = Histogram(
+            "hookd_request_duration_seconds", "Hook request time, read to write", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.worker_time = Histogram(
+            "hookd_worker_duration_seconds", "Time inside compress() in the worker", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "hookd_queue_wait_seconds", "Wait for a worker", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.wire_bytes = Histogram(
+            "hookd_request_wire_bytes", "Request body size as received", buckets=BYTES_BUCKETS, registry=r
+        )
+        self.body_bytes = Histogram(
+            "hookd_request_body_bytes", "Request body size after decoding", buckets=BYTES_BUCKETS, registry=r
+        )
+        self.wire_total = Counter("hookd_wire_bytes", "Request bytes received on the wire", registry=r)
+        self.decoded_total = Counter("hookd_decoded_bytes", "Request bytes after decoding", registry=r)
+        self.tokens_after = Counter("hookd_tokens_output", "Tokens in messages after compression", registry=r)
+        self.pool_size = Gauge("hookd_pool_size", "Configured worker processes", registry=r)
+        self.pool_live = Gauge("hookd_pool_live", "Worker processes warm and serving", registry=r)
+        self.pool_busy = Gauge("hookd_pool_busy", "Worker processes with a request in flight", registry=r)
+        self.worker_restarts = Counter(
+            "hookd_worker_restarts", "Worker processes that exited and were respawned", registry=r
+        )
+        self.affinity_hits = Counter("hookd_affinity_hits", "Requests served by their session's worker", registry=r)
+        self.affinity_spills = Counter(
+            "hookd_affinity_spills", "Requests sent to another worker because theirs was busy or down", registry=r
+        )
+        self.cold_starts = Counter(
+            "hookd_cold_starts", "Requests served by a worker that had not seen their session", registry=r
+        )
+        self.overloads = Counter("hookd_overloads", "Requests answered allow because no worker came free", registry=r)
+        self.markers_removed = Counter(
+            "hookd_retrieval_markers_removed", "Retrieval markers kept out of answers", registry=r
+        )
+
+    def observe(self, rec: Record) -> None:
+        """Count one finished hook request."""
+        self.outcomes.labels(rec.outcome).inc()
+        self.duration.observe(rec.dur_ms / 1000)
+        if rec.wire_bytes:
+            self.wire_bytes.observe(rec.wire_bytes)
+            self.wire_total.inc(rec.wire_bytes)
+        if rec.in_bytes:
+            self.body_bytes.observe(rec.in_bytes)
+            self.decoded_total.inc(rec.in_bytes)
+        if rec.in_msgs:
+            self.requests.inc()
+            self.by_provider.labels(provider_label(rec.provider)).inc()
+            self.by_model.labels(self.models.label(rec.model)).inc()
+        if rec.outcome in FAILED_OUTCOMES:
+            self.requests_failed.inc()
+        if rec.slot >= 0:
+            self.worker_time.observe(rec.worker_ms / 1000)
+        if rec.tokens_in > 0:
+            self.tokens_input.inc(rec.tokens_in)
+            self.tokens_after.inc(rec.tokens_out)
+        if rec.outcome == "modify":
+            self.tokens_saved.inc(rec.tokens_in - rec.tokens_out)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,95 @@
+"""The Aperture hook contract: HookCallData in, `allow` / `modify` answers out.
+
+We never answer `block`: a compression hook that fails must cost the user nothing, and under a
+`fail_closed` policy anything but a well-formed `allow` would turn our failure into their 503.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+ALLOW = b'{"action":"allow"}'
+# orjson reads integers outside [-2**63, 2**64) as floats, which would write a different number
+# back into a `modify`. Such integers have 19 or more digits; only a body with a digit run that
+# long pays for the exact (slower) check.
+LONG_DIGIT_RUN = re.compile(rb"\d{19,}")
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+
+
+class Passthrough(Exception):
+    """The body is not something we compress; it goes upstream untouched."""
+
+
+@dataclass(frozen=True)
+class HookCall:
+    body: dict[str, Any]
+    messages: list[Any]
+    model: str
+    provider: str
+    session_id: str
+
+
+def parse(decoded: bytes | bytearray) -> HookCall:
+    """Read the parts of HookCallData we act on, or raise Passthrough saying why not."""
+    try:
+        call = orjson.loads(decoded)
+    except orjson.JSONDecodeError as exc:
+        # orjson also refuses NaN, integers past 64 bits and nesting past 1024 levels: values we
+        # could not write back unchanged, so such a body must go through as it came.
+        raise Passthrough(f"not JSON orjson can round-trip: {exc}") from None
+    if not isinstance(call, dict):
+        raise Passthrough("HookCallData is not an object")
+    if LONG_DIGIT_RUN.search(decoded) and _has_wide_integer(decoded):
+        raise Passthrough("an integer wider than 64 bits would not survive a rewrite")
+    body = call.get("request_body")
+    if not isinstance(body, dict):
+        raise Passthrough("no request_body object")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise Passthrough("request_body has no messages array")
+    metadata = call.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}
+    return HookCall(
+        body=body,
+        messages=messages,
+        model=_text(metadata.get("model")) or _text(body.get("model")),
+        provider=_text(metadata.get("provider")),
+        session_id=_text(metadata.get("session_id")),
+    )
+
+
+def _has_wide_integer(decoded: bytes | bytearray) -> bool:
+    found = False
+
+    def check(literal: str) -> int:
+        nonlocal found
+        value = int(literal)
+        found = found or not INT_MIN <= value <= INT_MAX
+        return value
+
+    try:
+        json.loads(decoded, parse_int=check)
+    except RecursionError:
+        # Deeper than the standard parser goes: we cannot prove every integer fits.
+        return True
+    return found
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def modify(body: dict[str, Any], messages: list[Any]) -> bytes:
+    """The whole body again (the contract replaces, it does not patch) with only messages new."""
+    try:
+        return orjson.dumps({"action": "modify", "request_body": {**body, "messages": messages}})
+    except orjson.JSONEncodeError as exc:
+        # orjson reads nesting up to 1024 levels but writes only about 255; such a body goes
+        # through as it came.
+        raise Passthrough(f"body cannot be written back: {exc}") from None

@@ -1,0 +1,52 @@
+"""Start-up settings: one object built by `cli` and read everywhere else.
+
+Limits that protect the process (body sizes, timeouts) live here too, so a reader finds every
+number that bounds hookd in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+# Aperture accepts request bodies up to 50 MiB, so a hook must take them too; anything larger on
+# the wire or after decoding is answered `allow(too-large)` without buffering the excess.
+MAX_WIRE_BYTES = 50 * MIB
+MAX_DECODED_BYTES = 50 * MIB
+
+
+def default_pool_size() -> int:
+    """One worker per usable CPU: compress() is CPU-bound and does not scale with threads."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    pool_size: int = 1
+    max_compress: float = 60.0
+    state_dir: Path = Path("hookd-state")
+    verbose: bool = False
+    affinity: bool = True
+    accept_compressed: bool = True
+    compress_response: bool = True
+    # How long a request waits for its session's own (busy) worker before spilling to a free one.
+    # A spill costs a cold recompress (~2.3 s on a 1.3 MB conversation) where a warm turn costs
+    # ~40 ms, so waiting up to a few warm turns is cheaper than spilling; see bench/affinity_wait.py.
+    affinity_wait: float = 0.5
+    # How long a request may wait for any worker before it is answered `allow(overload)`: well
+    # under Aperture's default 5 s hook timeout, so the user never pays that timeout.
+    queue_timeout: float = 2.0
+    # A client that has not sent its whole body by then gets `allow(read-error)`.
+    read_timeout: float = 30.0
+    max_wire_bytes: int = MAX_WIRE_BYTES
+    max_decoded_bytes: int = MAX_DECODED_BYTES
+    # Workers get this long to import headroom and compress their warm-up samples.
+    warmup_timeout: float = 120.0

@@ -1,0 +1,75 @@
+"""A compressor that stands behind the same seam as the worker pool, for handler tests."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+from hookd.compressor import CompressorError, Job, Overloaded, Result
+
+
+def shorten(messages: list[Any]) -> list[Any]:
+    """Messages with every long string cut to its first 20 characters, like a compressor would."""
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, str) and len(value) > 100:
+            return value[:20] + " [cut]"
+        if isinstance(value, list):
+            return [cut(v) for v in value]
+        if isinstance(value, dict):
+            return {k: cut(v) if k in ("content", "text") else v for k, v in value.items()}
+        return value
+
+    return [cut(copy.deepcopy(m)) for m in messages]
+
+
+class FakeCompressor:
+    """`mode` picks the behaviour: shorten, same, error, overload, zero-tokens, drop-message,
+    rename-tool-id, slow."""
+
+    def __init__(self, mode: str = "shorten") -> None:
+        self.mode = mode
+        self.jobs: list[Job] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def ready(self) -> bool:
+        return True
+
+    def worker_info(self) -> list[dict[str, Any]]:
+        return [{"slot": 0, "state": "idle", "pid": 0}]
+
+    async def compress(self, job: Job) -> Result:
+        self.jobs.append(job)
+        if self.mode == "error":
+            raise CompressorError("worker died")
+        if self.mode == "overload":
+            raise Overloaded("no worker free")
+        if self.mode == "slow":
+            await asyncio.sleep(0.5)
+        messages = shorten(job.messages)
+        if self.mode == "same":
+            messages = job.messages
+        elif self.mode == "drop-message":
+            messages = messages[:-1]
+        elif self.mode == "rename-tool-id":
+            messages = _rename_tool_ids(messages)
+        before = sum(len(str(m)) for m in job.messages)
+        after = sum(len(str(m)) for m in messages)
+        if self.mode == "zero-tokens":
+            before = after = 0
+        return Result(messages=messages, tokens_before=before, tokens_after=after, model_limit=200000, slot=0)
+
+
+def _rename_tool_ids(messages: list[Any]) -> list[Any]:
+    for message in messages:
+        content = message.get("content")
+        for block in content if isinstance(content, list) else []:
+            if block.get("type") == "tool_use":
+                block["id"] = block["id"] + "-renamed"
+    return messages

@@ -1,0 +1,174 @@
+"""headroom inside a worker: the marker-free pipeline, token counting, limits, one compress call.
+
+Import this module only after `offline.prepare()`: it imports headroom, which reads its
+environment on import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+import time
+from typing import Any
+
+import headroom
+from headroom.models.registry import ModelRegistry
+from headroom.tokenizers import get_tokenizer
+from headroom.tokenizers.huggingface import HuggingFaceTokenizer
+from headroom.transforms import TransformPipeline
+from headroom.transforms.content_router import ContentRouter
+
+from worker import samples
+
+# `headroom.compress` is rebound to the function by headroom/__init__; the module that holds the
+# pipeline singleton is only reachable through importlib.
+_compress_module = importlib.import_module("headroom.compress")
+
+# Counting model for names whose tokenizer would come from the HuggingFace hub (deepseek, qwen,
+# llama...): offline, headroom fails the whole call for them. o200k_base is what headroom uses for
+# every Claude and recent GPT model and ships with litellm.
+OFFLINE_COUNTING_MODEL = "gpt-4o"
+# Context windows headroom's registry does not know, by name prefix.
+MODEL_LIMIT_OVERRIDES = (
+    ("deepseek-", 131072),
+    ("qwen", 131072),
+    ("llama", 131072),
+    ("kimi", 131072),
+)
+DEFAULT_MODEL_LIMIT = 200000
+# What a retrieval instruction looks like in headroom's output. The hook never sees the response,
+# so nothing could answer one; a message that still carries one is sent in its original form.
+RETRIEVAL_MARKERS = ("Retrieve more: hash=", "Retrieve original: hash=", "<<ccr:")
+# headroom's stale-Read pass replaces a file read that a later edit made stale with a note, and
+# ignores the marker settings: it always ends the note with a retrieval pointer. The note itself
+# is true and useful ("re-read the file"), so only the pointer is cut. This pass saves ~40% on
+# Claude Code sessions that edit what they read.
+STALE_READ_POINTER = re.compile(r"(\[Read content (?:stale|superseded): [^\]]*?) Retrieve original: hash=[0-9a-f]+\]")
+
+
+def install_marker_free_pipeline() -> None:
+    """headroom's default pipeline with retrieval markers, the CCR store and stale-Read
+    replacement off; `compress()` offers no knob for these, so the pipeline is built here."""
+    pipeline = TransformPipeline()
+    for index, transform in enumerate(pipeline.transforms):
+        if isinstance(transform, ContentRouter):
+            config = dataclasses.replace(
+                transform.config,
+                ccr_inject_marker=False,
+                ccr_enabled=False,
+                # No ML text model is installed with the base package; loading would only try
+                # (and fail) to download one.
+                enable_kompress=False,
+            )
+            # observer=None: headroom's default observer stages usage beacons for the network.
+            pipeline.transforms[index] = ContentRouter(config, observer=None)
+            break
+    else:
+        raise RuntimeError("headroom's default pipeline has no ContentRouter to configure")
+    with _compress_module._pipeline_lock:
+        _compress_module._pipeline = pipeline
+
+
+def counting_model(model: str) -> str:
+    if not model or isinstance(get_tokenizer(model), HuggingFaceTokenizer):
+        return OFFLINE_COUNTING_MODEL
+    return model
+
+
+def model_limit(model: str) -> int:
+    info = ModelRegistry.resolve(model) if model else None
+    if info is not None and info.context_window:
+        return int(info.context_window)
+    lowered = model.lower()
+    for prefix, limit in MODEL_LIMIT_OVERRIDES:
+        if lowered.startswith(prefix):
+            return limit
+    return DEFAULT_MODEL_LIMIT
+
+
+def cut_pointers(value: Any) -> Any:
+    """`value` with the retrieval pointer cut from every stale-Read note in it."""
+    if isinstance(value, str):
+        return STALE_READ_POINTER.sub(r"\1]", value) if "Retrieve original: hash=" in value else value
+    if isinstance(value, list):
+        return [cut_pointers(item) for item in value]
+    if isinstance(value, dict):
+        return {key: cut_pointers(item) for key, item in value.items()}
+    return value
+
+
+def has_marker(message: Any) -> bool:
+    text = str(message)
+    return any(marker in text for marker in RETRIEVAL_MARKERS)
+
+
+class Engine:
+    def __init__(self) -> None:
+        install_marker_free_pipeline()
+        self.version = headroom.__version__
+        self._counting: dict[str, str] = {}
+        self._limits: dict[str, int] = {}
+
+    def warm(self) -> float:
+        started = time.perf_counter()
+        for conversation in samples.conversations():
+            result = headroom.compress(conversation, model=OFFLINE_COUNTING_MODEL, protect_recent=0)
+            if result.tokens_before <= 0:
+                raise RuntimeError("warm-up compression failed; see headroom's log above")
+        return (time.perf_counter() - started) * 1000
+
+    def compress(self, messages: list[Any], model: str, knobs: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        counting = self._cached(self._counting, model, counting_model)
+        limit = self._cached(self._limits, model, model_limit)
+        result = headroom.compress(messages, model=counting, model_limit=limit, **knobs)
+        reply: dict[str, Any] = {"ok": True}
+        removed = 0
+        tokens_after = result.tokens_after
+        if len(result.messages) != len(messages):
+            # Sent whole, so the front end's validation sees (and refuses) the new length.
+            reply["messages"] = result.messages
+        else:
+            changed, removed = self._changes(messages, result.messages)
+            reply["changed"] = changed
+            if removed:
+                tokens_after = self._recount(counting, messages, changed)
+        return reply | {
+            "tokens_before": result.tokens_before,
+            "tokens_after": tokens_after,
+            "model_limit": limit,
+            "markers_removed": removed,
+            "worker_ms": (time.perf_counter() - started) * 1000,
+        }
+
+    @staticmethod
+    def _cached(cache: dict[str, Any], model: str, compute: Any) -> Any:
+        if model not in cache:
+            if len(cache) > 1024:
+                cache.clear()
+            cache[model] = compute(model)
+        return cache[model]
+
+    @staticmethod
+    def _changes(original: list[Any], compressed: list[Any]) -> tuple[list[list[Any]], int]:
+        """Only the messages headroom changed go back over the socket; a changed one that still
+        carries a retrieval marker is dropped, so its original goes upstream."""
+        changed = []
+        removed = 0
+        for index, (before, after) in enumerate(zip(original, compressed, strict=True)):
+            if after is before or after == before:
+                continue
+            after = cut_pointers(after)
+            if has_marker(after) and not has_marker(before):
+                removed += 1
+                continue
+            changed.append([index, after])
+        return changed, removed
+
+    @staticmethod
+    def _recount(model: str, original: list[Any], changed: list[list[Any]]) -> int:
+        messages = list(original)
+        for index, message in changed:
+            messages[index] = message
+        return int(_compress_module._get_pipeline()._get_tokenizer(model).count_messages(messages))
