@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hookd.auth import TokenFileError, is_loopback_host, read_token
 from hookd.settings import Settings, default_pool_size
 
 ENV_PREFIX = "HOOKD_"
@@ -106,10 +107,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument(
         "--state-dir",
         type=Path,
-        default=env_value(env, "STATE_DIR", Path, Path("hookd-state")),
+        default=env_value(env, "STATE_DIR", Path, Path(env.get("STATE_DIRECTORY") or "hookd-state")),
         metavar="DIR",
         help="where hookd keeps its own settings, never request content "
-        "(default ./hookd-state; the systemd unit uses $STATE_DIRECTORY)",
+        "(default $STATE_DIRECTORY under systemd, else ./hookd-state)",
     )
     parser.add_argument(
         "-v",
@@ -161,13 +162,54 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="longest time to receive a request body before answering allow(read-error) (default %(default)s)",
     )
+    parser.add_argument(
+        "--drain-timeout",
+        type=positive_float,
+        default=env_value(env, "DRAIN_TIMEOUT", positive_float, 20.0),
+        metavar="SECONDS",
+        help="on SIGTERM or SIGINT, how long requests in flight may take to finish before they are "
+        "answered allow (default %(default)s); a second signal exits at once",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=env_value(env, "TOKEN_FILE", Path, None),
+        metavar="PATH",
+        help="require this token on the hook, as 'Authorization: Bearer <token>' or "
+        "'X-Api-Key: <token>' (what Aperture sends for a hook with an apikey)",
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=env_value(env, "ADMIN_TOKEN_FILE", Path, None),
+        metavar="PATH",
+        help="token required to change settings with PUT /config; without it, only loopback callers may change them",
+    )
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=env_flag(env, "ALLOW_UNAUTHENTICATED"),
+        help="allow listening on a non-loopback address without --token-file",
+    )
     return parser
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
     environment = os.environ if env is None else env
-    args = build_parser(environment).parse_args(argv)
+    parser = build_parser(environment)
+    args = parser.parse_args(argv)
     host, port = args.listen
+    try:
+        hook_token = read_token(args.token_file)
+        admin_token = read_token(args.admin_token_file)
+    except TokenFileError as exc:
+        parser.error(str(exc))
+    if not is_loopback_host(host) and hook_token is None and not args.allow_unauthenticated:
+        parser.error(
+            f"refusing to listen on {host}, which is not loopback, without --token-file: a hook "
+            "sees whole conversations. Give a token file, or --allow-unauthenticated if the "
+            "network is yours alone."
+        )
     return Settings(
         host=host,
         port=port,
@@ -181,6 +223,9 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         affinity_wait=args.affinity_wait,
         queue_timeout=args.queue_timeout,
         read_timeout=args.read_timeout,
+        drain_timeout=args.drain_timeout,
+        hook_token=hook_token,
+        admin_token=admin_token,
     )
 
 

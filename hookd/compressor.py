@@ -17,6 +17,8 @@ class Job:
     model: str
     key: bytes
     knobs: dict[str, Any] = field(default_factory=dict)
+    # How long this job may wait for its session's busy worker before spilling (live setting).
+    affinity_wait: float = 0.5
 
 
 @dataclass
@@ -47,9 +49,11 @@ class Overloaded(CompressorError):
 class Compressor(Protocol):
     async def start(self) -> None: ...
 
-    async def stop(self) -> None: ...
+    async def stop(self, grace: float) -> None: ...
 
     def ready(self) -> bool: ...
+
+    async def wait_ready(self, timeout: float) -> bool: ...
 
     def worker_info(self) -> list[dict[str, Any]]: ...
 

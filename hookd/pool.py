@@ -42,6 +42,8 @@ BACKOFF_MAX_S = 30.0
 # Sessions a worker remembers having served, to report `cold`; bounded, newest kept.
 SEEN_KEYS = 4096
 STOP_GRACE_S = 5.0
+# What a worker reports about itself when it is warm, shown by /readyz and /config.
+WORKER_FACTS = ("pid", "headroom_version", "warmup_ms", "savings_profiles", "ml_text_compression")
 
 
 class WorkerFailed(CompressorError):
@@ -97,11 +99,11 @@ class WorkerPool:
     def worker_info(self) -> list[dict[str, Any]]:
         return [{"slot": w.slot, "state": w.state, **w.info} for w in self.workers]
 
-    async def stop(self) -> None:
-        """Let calls in flight finish (they are bounded by --max-compress), then end the workers."""
+    async def stop(self, grace: float) -> None:
+        """Give calls in flight up to `grace` seconds to finish, then end the workers."""
         self._stopping = True
         if self._calls:
-            await asyncio.wait(self._calls, timeout=self.settings.max_compress)
+            await asyncio.wait(self._calls, timeout=max(0.0, grace))
         for task in self._supervisors:
             task.cancel()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
@@ -160,7 +162,7 @@ class WorkerPool:
         hello = await asyncio.wait_for(self._read(worker), self.settings.warmup_timeout)
         if not hello.get("ready"):
             raise frames.FrameError(f"worker said {hello.get('error', 'something other than ready')}")
-        worker.info = {k: hello[k] for k in ("pid", "headroom_version", "warmup_ms") if k in hello}
+        worker.info = {k: hello[k] for k in WORKER_FACTS if k in hello}
         log.info("worker %d: pid %s warm in %.1f s", worker.slot, process.pid, time.monotonic() - began)
 
     async def _end(self, worker: Worker) -> None:
@@ -184,7 +186,7 @@ class WorkerPool:
     async def compress(self, job: Job) -> Result:
         loop = asyncio.get_running_loop()
         queued = loop.time()
-        worker, placement = await self._acquire(job.key)
+        worker, placement = await self._acquire(job.key, job.affinity_wait)
         wait_ms = (loop.time() - queued) * 1000
         cold = job.key not in worker.seen
         self._record_placement(placement, cold, wait_ms)
@@ -211,7 +213,7 @@ class WorkerPool:
         if cold:
             self.metrics.cold_starts.inc()
 
-    async def _acquire(self, key: bytes) -> tuple[Worker, str]:
+    async def _acquire(self, key: bytes, affinity_wait: float) -> tuple[Worker, str]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.queue_timeout
         home = self.workers[slot_for(key, len(self.workers))] if self.settings.affinity else None
@@ -219,7 +221,7 @@ class WorkerPool:
             if home is not None and home.state == BUSY:
                 # Its own worker is usually free again within a warm turn; another one would
                 # have to recompress the whole conversation cold.
-                wait = min(self.settings.affinity_wait, deadline - loop.time())
+                wait = min(affinity_wait, deadline - loop.time())
                 await self._wait_until(lambda: home.state != BUSY, wait)
             if not await self._wait_until(self._any_idle, deadline - loop.time()):
                 self.metrics.overloads.inc()

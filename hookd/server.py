@@ -1,248 +1,45 @@
-"""The HTTP front end: routes, the hook handler, start-up and shutdown.
+"""Start-up, serving and shutdown: wires settings, pool, handlers and systemd together.
 
-One request flows one way: read -> decode -> parse -> route -> compress -> validate -> answer ->
-record. Every step that can fail ends in a well-formed answer; the only non-200 statuses are the
-contract's own (405 for a method other than POST, 415 for a coding we do not decode).
+Start-up listens at once (so /healthz answers and /readyz can say "starting"), spawns the
+workers, and tells systemd READY=1 only when every worker is warm. The first SIGTERM or SIGINT
+drains: no new connections, requests in flight finish or are answered `allow` when the drain
+time is up, workers are stopped, exit 0. A second signal exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
 
-import orjson
 from aiohttp import web
 
-from hookd import codings, protocol, summary, validate
-from hookd.affinity import session_key
-from hookd.compressor import Compressor, CompressorError, Job, Overloaded
-from hookd.metrics import CONTENT_TYPE, Metrics
+from hookd.admin import Admin
+from hookd.compressor import Compressor
+from hookd.config import Store
+from hookd.hook import Hook
+from hookd.metrics import Metrics
+from hookd.sdnotify import Notifier
 from hookd.settings import Settings
 
 log = logging.getLogger("hookd")
-T = TypeVar("T")
-
-# Work on bodies above this size (decoding, JSON parsing and writing, answer encoding) runs in a
-# thread so one large conversation does not stall every other request on the event loop.
-OFFLOAD_BYTES = 1024 * 1024
-JSON = "application/json"
-
-
-class ReadError(Exception):
-    """The client did not deliver its body (timeout, reset, bad framing)."""
+# Answers already decided when the drain time ran out still need a moment to be written.
+WRITE_MARGIN_S = 2.0
+EXIT_ON_SECOND_SIGNAL = 130
+ADMIN = web.AppKey("admin", Admin)
+HOOK = web.AppKey("hook", Hook)
 
 
-class Answer:
-    """An HTTP answer before it is written: status, body and the outcome to record."""
-
-    def __init__(self, outcome: str, body: bytes = protocol.ALLOW, status: int = 200, close: bool = False) -> None:
-        self.outcome = outcome
-        self.body = body
-        self.status = status
-        self.close = close
-
-
-async def offload(size: int, fn: Callable[..., T], *args: Any) -> T:
-    if size >= OFFLOAD_BYTES:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
-
-
-class Hook:
-    """The hook handler and its read-only siblings (metrics, health)."""
-
-    def __init__(self, settings: Settings, compressor: Compressor, metrics: Metrics) -> None:
-        self.settings = settings
-        self.compressor = compressor
-        self.metrics = metrics
-
-    def routes(self, app: web.Application) -> None:
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_page)
-        # The hook answers on any other path: the operator picks the URL in Aperture's config.
-        app.router.add_route("*", "/{tail:.*}", self.hook)
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(self, request: web.Request) -> web.Response:
-        workers = self.compressor.worker_info()
-        if self.compressor.ready():
-            return web.json_response({"status": "ready", "workers": workers})
-        waiting = [w["slot"] for w in workers if w["state"] not in ("idle", "busy")]
-        reason = f"workers {waiting} are starting or restarting"
-        return web.json_response({"status": "starting", "reason": reason, "workers": workers}, status=503)
-
-    async def metrics_page(self, request: web.Request) -> web.Response:
-        response = web.Response(body=self.metrics.render())
-        response.headers["Content-Type"] = CONTENT_TYPE
-        return response
-
-    async def hook(self, request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        rec = summary.Record()
-        self.metrics.inbound.inc()
-        self.metrics.inbound_active.inc()
-        try:
-            try:
-                answer = await self.decide(request, rec)
-            except Exception:
-                # The last line of fail-open: a bug of ours must still cost the user nothing.
-                log.exception("unexpected failure; answering allow")
-                answer = Answer("allow(error)")
-            response = await self.respond(request, answer, rec)
-            return response
-        finally:
-            rec.dur_ms = (time.perf_counter() - started) * 1000
-            self.metrics.observe(rec)
-            self.metrics.inbound_active.dec()
-            self.metrics.inbound_completed.inc()
-            if self.settings.verbose:
-                sys.stdout.write(summary.line(rec) + "\n")
-                sys.stdout.flush()
-
-    async def decide(self, request: web.Request, rec: summary.Record) -> Answer:
-        if request.method != "POST":
-            rec.outcome = "405"
-            return Answer("405", b'{"error":"the hook takes POST"}', status=405)
-        try:
-            coding_chain = codings.parse_content_encoding(request.headers.get("Content-Encoding"))
-        except codings.UnsupportedCoding as exc:
-            # A 415 with Accept-Encoding is RFC 7694's downgrade signal: the client retries with
-            # a coding we take (or none). It is not a refusal of the request.
-            body = orjson.dumps({"error": f"unsupported Content-Encoding {str(exc)!r}", "accept": codings.SUPPORTED})
-            return Answer("reject(encoding)", body, status=415)
-        rec.coding = "+".join(coding_chain) or "identity"
-
-        read_started = time.perf_counter()
-        try:
-            wire = await self.read_body(request)
-        except codings.TooLarge:
-            return Answer("allow(too-large)", close=True)
-        except ReadError as exc:
-            log.info("could not read a request body: %s", exc)
-            return Answer("allow(read-error)", close=True)
-        finally:
-            rec.read_ms = (time.perf_counter() - read_started) * 1000
-        rec.wire_bytes = len(wire)
-
-        try:
-            decoded = await offload(len(wire), codings.decode, wire, coding_chain, self.settings.max_decoded_bytes)
-        except codings.TooLarge:
-            return Answer("allow(too-large)")
-        except codings.CorruptBody as exc:
-            log.info("request body does not decode: %s", exc)
-            return Answer("allow(decode-error)")
-        del wire
-        rec.in_bytes = len(decoded)
-
-        try:
-            call = await offload(len(decoded), protocol.parse, decoded)
-        except protocol.Passthrough:
-            return Answer("allow(passthrough)")
-        del decoded
-        rec.in_msgs = len(call.messages)
-        rec.provider, rec.model = call.provider, call.model
-        if not call.messages:
-            return Answer("allow(noop)")
-        return await self.compress(call, rec)
-
-    async def read_body(self, request: web.Request) -> bytearray:
-        limit = self.settings.max_wire_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise codings.TooLarge(f"Content-Length {request.content_length} exceeds {limit}")
-        body = bytearray()
-        try:
-            async with asyncio.timeout(self.settings.read_timeout):
-                while chunk := await request.content.readany():
-                    body += chunk
-                    if len(body) > limit:
-                        raise codings.TooLarge(f"body exceeds {limit} bytes")
-        except codings.TooLarge:
-            raise
-        except TimeoutError:
-            raise ReadError(f"body not received within {self.settings.read_timeout} s") from None
-        except (ConnectionError, asyncio.IncompleteReadError, web.HTTPException) as exc:
-            raise ReadError(str(exc) or type(exc).__name__) from None
-        except Exception as exc:
-            # aiohttp reports a broken chunked body or an early hang-up as ClientPayloadError
-            # and friends; whatever the class, the body did not arrive.
-            raise ReadError(f"{type(exc).__name__}: {exc}") from None
-        return body
-
-    async def compress(self, call: protocol.HookCall, rec: summary.Record) -> Answer:
-        job = Job(messages=call.messages, model=call.model, key=session_key(call.session_id, call.messages))
-        try:
-            result = await self.compressor.compress(job)
-        except Overloaded:
-            return Answer("allow(overload)")
-        except CompressorError as exc:
-            log.warning("compression failed: %s", exc)
-            return Answer("allow(error)")
-        rec.worker_ms, rec.slot, rec.cold = result.worker_ms, result.slot, result.cold
-        rec.model_limit, rec.placement, rec.wait_ms = result.model_limit, result.placement, result.wait_ms
-        rec.tokens_in, rec.tokens_out = result.tokens_before, result.tokens_after
-        if result.tokens_before <= 0:
-            # headroom swallows its own errors and reports zero tokens for them.
-            return Answer("allow(error)")
-        if result.tokens_after >= result.tokens_before:
-            rec.tokens_out = result.tokens_before
-            return Answer("allow(noop)")
-        try:
-            validate.check(call.messages, result.messages)
-        except validate.InvalidOutput as exc:
-            log.warning("worker output failed validation: %s", exc)
-            rec.tokens_out = result.tokens_before
-            return Answer("allow(invalid-output)")
-        try:
-            body = await offload(rec.in_bytes, protocol.modify, call.body, result.messages)
-        except protocol.Passthrough:
-            rec.tokens_out = result.tokens_before
-            return Answer("allow(passthrough)")
-        return Answer("modify", body)
-
-    async def respond(self, request: web.Request, answer: Answer, rec: summary.Record) -> web.StreamResponse:
-        rec.outcome = answer.outcome
-        rec.out_bytes = len(answer.body)
-        response = web.Response(status=answer.status, content_type=JSON)
-        body = answer.body
-        if self.settings.accept_compressed:
-            response.headers["Accept-Encoding"] = codings.ACCEPT_ENCODING
-        if answer.status == 405:
-            response.headers["Allow"] = "POST"
-        if answer.status == 415:
-            # RFC 7694 section 3: the 415 lists what we do accept, whatever the flag says.
-            response.headers["Accept-Encoding"] = codings.ACCEPT_ENCODING
-        if self.settings.compress_response:
-            response.headers["Vary"] = "Accept-Encoding"
-            coding = codings.choose_response_coding(request.headers.get("Accept-Encoding"))
-            if coding and len(body) >= codings.MIN_ENCODE_BYTES:
-                body = await offload(len(body), codings.encode, body, coding)
-                response.headers["Content-Encoding"] = coding
-                rec.response_coding = coding
-        response.body = body
-        if answer.close:
-            # The rest of an oversized or broken body is not worth reading: answer and hang up.
-            response.force_close()
-        write_started = time.perf_counter()
-        try:
-            await response.prepare(request)
-            await response.write_eof()
-        except (ConnectionError, RuntimeError) as exc:
-            log.info("client went away before the answer was written: %s", exc)
-        rec.write_ms = (time.perf_counter() - write_started) * 1000
-        return response
-
-
-def build_app(settings: Settings, compressor: Compressor, metrics: Metrics) -> web.Application:
+def build_app(settings: Settings, compressor: Compressor, metrics: Metrics, store: Store) -> web.Application:
     app = web.Application()
-    Hook(settings, compressor, metrics).routes(app)
+    admin = Admin(settings, compressor, metrics, store)
+    hook = Hook(settings, compressor, metrics, store)
+    admin.routes(app)
+    # The hook answers on every other path: the operator picks the URL in Aperture's config.
+    app.router.add_route("*", "/{tail:.*}", hook.hook)
+    app[ADMIN], app[HOOK] = admin, hook
     return app
 
 
@@ -250,7 +47,13 @@ async def start_site(app: web.Application, settings: Settings) -> web.AppRunner:
     # auto_decompress off: we count the bytes that crossed the wire and decode them ourselves
     # under a size cap. Handlers are not cancelled when a client hangs up, so an abandoned
     # compression still finishes and leaves its worker warm.
-    runner = web.AppRunner(app, auto_decompress=False, access_log=None, handler_cancellation=False)
+    runner = web.AppRunner(
+        app,
+        auto_decompress=False,
+        access_log=None,
+        handler_cancellation=False,
+        shutdown_timeout=settings.drain_timeout + WRITE_MARGIN_S,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()
@@ -261,24 +64,60 @@ async def run(settings: Settings) -> int:
     from hookd.pool import WorkerPool
 
     settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    store = Store(settings.state_dir, settings.affinity_wait)
     metrics = Metrics()
     pool = WorkerPool(settings, metrics)
-    app = build_app(settings, pool, metrics)
+    app = build_app(settings, pool, metrics, store)
+    notifier = Notifier()
     runner = await start_site(app, settings)
     log.info("listening on http://%s:%d/ with %d workers", settings.host, settings.port, settings.pool_size)
     await pool.start()
     stop = asyncio.Event()
+    _handle_signals(stop)
+    announcing = asyncio.create_task(_announce_ready(pool, notifier, settings))
+    await stop.wait()
+    announcing.cancel()
+    await _drain(app, runner, pool, notifier, settings)
+    return 0
+
+
+def _handle_signals(stop: asyncio.Event) -> None:
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(EXIT_ON_SECOND_SIGNAL)
+        log.info("%s: draining", signal.Signals(signum).name)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    ready = asyncio.create_task(pool.wait_ready(settings.warmup_timeout))
-    ready.add_done_callback(lambda t: log.info("all %d workers warm", settings.pool_size) if t.result() else None)
-    await stop.wait()
-    log.info("stopping: finishing requests in flight")
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def _announce_ready(pool: Compressor, notifier: Notifier, settings: Settings) -> None:
+    """READY=1 once every worker is warm, then watchdog keep-alives from this event loop: if
+    the loop stalls, the keep-alives stop and systemd restarts us."""
+    while not await pool.wait_ready(settings.warmup_timeout):
+        log.warning("workers are not all warm after %.0f s; still waiting", settings.warmup_timeout)
+    log.info("all %d workers warm", settings.pool_size)
+    notifier.send("READY=1", f"STATUS=serving with {settings.pool_size} warm workers")
+    interval = notifier.watchdog_interval()
+    while interval:
+        notifier.send("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def _drain(
+    app: web.Application, runner: web.AppRunner, pool: Compressor, notifier: Notifier, settings: Settings
+) -> None:
+    app[ADMIN].draining = True
+    notifier.send("STOPPING=1", "STATUS=draining")
+    loop = asyncio.get_running_loop()
+    loop.call_later(settings.drain_timeout, app[HOOK].drain_expired.set)
+    # Stops listening, then waits for the handlers in flight; each answers by the drain time.
     await runner.cleanup()
-    await pool.stop()
+    await pool.stop(grace=1.0)
     log.info("stopped")
-    return 0
 
 
 def serve(settings: Settings) -> int:

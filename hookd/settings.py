@@ -7,7 +7,7 @@ number that bounds hookd in one place.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MIB = 1024 * 1024
@@ -50,3 +50,8 @@ class Settings:
     max_decoded_bytes: int = MAX_DECODED_BYTES
     # Workers get this long to import headroom and compress their warm-up samples.
     warmup_timeout: float = 120.0
+    # On SIGTERM, requests in flight get this long to finish; then they are answered `allow`.
+    drain_timeout: float = 20.0
+    # Tokens, read from files at start-up; kept out of repr so they never reach a log.
+    hook_token: str | None = field(default=None, repr=False)
+    admin_token: str | None = field(default=None, repr=False)

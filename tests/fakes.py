@@ -35,10 +35,13 @@ class FakeCompressor:
     async def start(self) -> None:
         return None
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float) -> None:
         return None
 
     def ready(self) -> bool:
+        return True
+
+    async def wait_ready(self, timeout: float) -> bool:
         return True
 
     def worker_info(self) -> list[dict[str, Any]]:

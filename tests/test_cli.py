@@ -23,6 +23,10 @@ FLAGS = [
     "--affinity-wait",
     "--queue-timeout",
     "--read-timeout",
+    "--drain-timeout",
+    "--token-file",
+    "--admin-token-file",
+    "--allow-unauthenticated",
 ]
 
 
@@ -65,6 +69,10 @@ def test_defaults() -> None:
     assert s.read_timeout == 30.0
 
 
+def test_state_dir_follows_systemd_state_directory() -> None:
+    assert parse_settings([], env={"STATE_DIRECTORY": "/var/lib/hookd"}).state_dir == Path("/var/lib/hookd")
+
+
 def test_defaults_ignore_unrelated_environment() -> None:
     assert settings(PORT="9999", HOOKD="1", hookd_pool_size="3") == settings()
 
@@ -97,10 +105,11 @@ def test_process_environment_is_read_when_env_is_not_given(monkeypatch: pytest.M
         (["--affinity-wait", "1.5"], "affinity_wait", 1.5),
         (["--queue-timeout", "0.25"], "queue_timeout", 0.25),
         (["--read-timeout", "5"], "read_timeout", 5.0),
+        (["--drain-timeout", "7"], "drain_timeout", 7.0),
     ],
 )
 def test_each_flag_sets_its_setting(argv: list[str], field: str, expected: Any) -> None:
-    assert getattr(settings(*argv), field) == expected
+    assert getattr(settings(*argv, "--allow-unauthenticated"), field) == expected
 
 
 def test_a_flag_changes_only_its_own_setting() -> None:
@@ -112,7 +121,7 @@ def test_a_flag_changes_only_its_own_setting() -> None:
 
 @pytest.mark.parametrize(("listen", "host", "port"), [("[::1]:9000", "::1", 9000), ("[::]:8080", "::", 8080)])
 def test_ipv6_listen_address(listen: str, host: str, port: int) -> None:
-    s = settings("--listen", listen)
+    s = settings("--listen", listen, "--allow-unauthenticated")
     assert (s.host, s.port) == (host, port)
 
 
@@ -248,3 +257,37 @@ def test_help_shows_the_environment_defaults() -> None:
 def test_every_flag_in_the_parser_is_tested() -> None:
     options = {opt for action in build_parser({})._actions for opt in action.option_strings if opt.startswith("--")}
     assert options - {"--help"} == set(FLAGS)
+
+
+# --- tokens and exposure ----------------------------------------------------------------------------
+
+
+def test_non_loopback_without_a_token_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    message = exit_message(capsys, "--listen", "0.0.0.0:8080")
+    assert "not loopback" in message and "--token-file" in message
+
+
+def test_non_loopback_with_a_token_is_allowed(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    s = settings("--listen", "0.0.0.0:8080", "--token-file", str(token))
+    assert s.hook_token == "s3cret"
+    assert "s3cret" not in repr(s)
+
+
+def test_tokens_come_from_files_named_in_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "hook").write_text("hook-token")
+    (tmp_path / "admin").write_text("admin-token")
+    s = settings(HOOKD_TOKEN_FILE=str(tmp_path / "hook"), HOOKD_ADMIN_TOKEN_FILE=str(tmp_path / "admin"))
+    assert (s.hook_token, s.admin_token) == ("hook-token", "admin-token")
+
+
+@pytest.mark.parametrize("content", [None, "", "  \n"])
+def test_missing_or_empty_token_file_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None
+) -> None:
+    token = tmp_path / "token"
+    if content is not None:
+        token.write_text(content)
+    message = exit_message(capsys, "--token-file", str(token))
+    assert str(token) in message

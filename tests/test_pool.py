@@ -19,11 +19,12 @@ from hookd.settings import Settings
 from tests import fake_workers
 
 MESSAGES = [{"role": "user", "content": "a long message " * 50}, {"role": "assistant", "content": "ok"}]
-FAST = Settings(pool_size=2, max_compress=2.5, warmup_timeout=20, queue_timeout=2.0, affinity_wait=0.3)
+FAST = Settings(pool_size=2, max_compress=2.5, warmup_timeout=20, queue_timeout=2.0)
 
 
 def job(behaviour: str = "ok", session: str = "s1") -> Job:
-    return Job(messages=MESSAGES, model="gpt-4o", key=session_key(session, MESSAGES), knobs={"behaviour": behaviour})
+    key = session_key(session, MESSAGES)
+    return Job(messages=MESSAGES, model="gpt-4o", key=key, knobs={"behaviour": behaviour}, affinity_wait=0.3)
 
 
 def key_for_slot(slot: int, pool_size: int = 2) -> str:
@@ -50,7 +51,7 @@ async def make_pool() -> AsyncIterator[MakePool]:
 
     yield _make
     for pool in pools:
-        await pool.stop()
+        await pool.stop(grace=1.0)
 
 
 async def test_warm_pool_serves_and_merges_changed_messages(make_pool: MakePool) -> None:
@@ -119,7 +120,7 @@ async def test_busy_home_worker_spills_after_the_affinity_wait(make_pool: MakePo
     spilled = await pool.compress(job("ok", session))
     waited = time.monotonic() - started
     assert spilled.placement == "spill" and spilled.slot == 1
-    assert FAST.affinity_wait - 0.05 <= waited < 1.2
+    assert 0.25 <= waited < 1.2
     assert (await slow).placement == "hit"
     assert pool.metrics.affinity_spills._value.get() == 1
 

@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import socket
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,7 @@ import pytest
 import zstandard
 
 from hookd import server
+from hookd.config import Store
 from hookd.metrics import Metrics
 from hookd.settings import Settings
 from tests import client
@@ -46,14 +48,15 @@ Start = Callable[..., Any]
 
 
 @pytest.fixture
-async def start() -> AsyncIterator[Start]:
+async def start(tmp_path: Path) -> AsyncIterator[Start]:
     runners: list[Any] = []
     sessions: list[aiohttp.ClientSession] = []
 
     async def _start(mode: str = "shorten", **overrides: Any) -> tuple[str, FakeCompressor, aiohttp.ClientSession]:
         settings = dataclasses.replace(Settings(port=free_port()), **overrides)
         fake = FakeCompressor(mode)
-        runner = await server.start_site(server.build_app(settings, fake, Metrics()), settings)
+        store = Store(tmp_path / f"state-{len(runners)}", settings.affinity_wait)
+        runner = await server.start_site(server.build_app(settings, fake, Metrics(), store), settings)
         runners.append(runner)
         session = aiohttp.ClientSession()
         sessions.append(session)
@@ -271,3 +274,15 @@ async def test_health_and_metrics(start: Start) -> None:
     assert 'hookd_outcomes_total{outcome="modify"} 1.0' in text
     assert "headroom_requests_total 1.0" in text
     assert 'headroom_requests_by_provider_total{provider="anthropic"} 1.0' in text
+
+
+async def test_body_too_deep_to_write_back_passes_through(start: Start, capsys: pytest.CaptureFixture[str]) -> None:
+    url, _, session = await start(verbose=True)
+    raw = orjson.dumps(ANTHROPIC_CALL)[:-2] + b',"tool_schema":' + _json_nested(300) + b"}}"
+    status, _, answer = await client.post(session, url, raw)
+    assert (status, answer) == (200, {"action": "allow"})
+    assert capsys.readouterr().out.strip().endswith("-> allow(passthrough)")
+
+
+def _json_nested(depth: int) -> bytes:
+    return b'{"items":' * depth + b'"leaf"' + b"}" * depth

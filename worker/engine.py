@@ -110,6 +110,17 @@ class Engine:
         self._counting: dict[str, str] = {}
         self._limits: dict[str, int] = {}
 
+    def facts(self) -> dict[str, Any]:
+        """What this worker can do, for GET /config (and to check savings_profile against)."""
+        from headroom.agent_savings import _PROFILES
+
+        return {
+            "headroom_version": self.version,
+            "savings_profiles": sorted(_PROFILES),
+            # The base install carries no ML text model; Kompress stays off rather than half-on.
+            "ml_text_compression": False,
+        }
+
     def warm(self) -> float:
         started = time.perf_counter()
         for conversation in samples.conversations():

@@ -34,7 +34,7 @@ def run(sock: socket.socket, slot: int) -> None:
         traceback.print_exc()
         frames.send(sock, {"ready": False, "error": f"{type(exc).__name__}: {exc}"})
         sys.exit(1)
-    frames.send(sock, {"ready": True, "pid": os.getpid(), "headroom_version": engine.version, "warmup_ms": warmup_ms})
+    frames.send(sock, {"ready": True, "pid": os.getpid(), "warmup_ms": warmup_ms, **engine.facts()})
     serve(sock, engine)
 
 

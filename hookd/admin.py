@@ -1,0 +1,101 @@
+"""The operator's endpoints: health, readiness, metrics and runtime settings (`/config`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from hookd import auth, config
+from hookd.compressor import Compressor
+from hookd.metrics import CONTENT_TYPE, Metrics
+from hookd.settings import Settings
+
+log = logging.getLogger("hookd.admin")
+# Settings changes are small JSON objects; anything bigger is not one.
+MAX_CONFIG_BODY = 64 * 1024
+
+
+class Admin:
+    def __init__(self, settings: Settings, compressor: Compressor, metrics: Metrics, store: config.Store) -> None:
+        self.settings = settings
+        self.compressor = compressor
+        self.metrics = metrics
+        self.store = store
+        self.draining = False
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/config", self.get_config)
+        app.router.add_put("/config", self.put_config)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        workers = self.compressor.worker_info()
+        if self.draining:
+            return web.json_response({"status": "draining", "reason": "shutting down", "workers": workers}, status=503)
+        if self.compressor.ready():
+            return web.json_response({"status": "ready", "workers": workers})
+        waiting = [w["slot"] for w in workers if w["state"] not in ("idle", "busy")]
+        reason = f"workers {waiting} are starting or restarting"
+        return web.json_response({"status": "starting", "reason": reason, "workers": workers}, status=503)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        if not (auth.allowed(request, self.settings.hook_token) or self._is_admin(request)):
+            return _error(401, "missing or wrong token")
+        return web.json_response(self.document())
+
+    async def put_config(self, request: web.Request) -> web.Response:
+        if self.settings.admin_token is not None:
+            if not self._is_admin(request):
+                return _error(401, "PUT /config needs the admin token")
+        elif not auth.from_loopback(request):
+            return _error(403, "PUT /config from another host needs --admin-token-file on the server")
+        if (request.content_length or 0) > MAX_CONFIG_BODY:
+            return _error(400, f"settings body over {MAX_CONFIG_BODY} bytes")
+        try:
+            change = orjson.loads(await request.content.read(MAX_CONFIG_BODY + 1))
+        except orjson.JSONDecodeError as exc:
+            return _error(400, f"body is not JSON: {exc}")
+        try:
+            self.store.update(change, self._profiles())
+        except config.InvalidSettings as exc:
+            return _error(400, str(exc))
+        except OSError as exc:
+            log.error("could not save settings: %s", exc)
+            return _error(500, f"could not save settings: {exc.strerror or exc}")
+        log.info("settings changed: %s", ", ".join(sorted(change)))
+        return web.json_response(self.document())
+
+    def _is_admin(self, request: web.Request) -> bool:
+        return self.settings.admin_token is not None and auth.allowed(request, self.settings.admin_token)
+
+    def _profiles(self) -> list[str] | None:
+        for worker in self.compressor.worker_info():
+            if "savings_profiles" in worker:
+                return list(worker["savings_profiles"])
+        return None
+
+    def document(self) -> dict[str, Any]:
+        workers = self.compressor.worker_info()
+        warm = [w for w in workers if "headroom_version" in w]
+        return {
+            **self.store.values,
+            "headroom_version": warm[0]["headroom_version"] if warm else None,
+            "ml_text_compression": bool(warm) and all(w.get("ml_text_compression") for w in warm),
+            "savings_profiles": self._profiles(),
+            "workers": workers,
+        }
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)

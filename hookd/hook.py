@@ -1,0 +1,253 @@
+"""The hook handler: one request flows read -> decode -> parse -> route -> compress -> validate
+-> answer -> record.
+
+Every step that can fail ends in a well-formed answer; the only non-200 statuses are the
+contract's own: 401 without the hook token (when one is set), 405 for a method other than
+POST, 415 for a coding we do not decode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+
+from hookd import auth, codings, protocol, summary, validate
+from hookd.affinity import session_key
+from hookd.compressor import Compressor, CompressorError, Job, Overloaded
+from hookd.config import Store
+from hookd.metrics import Metrics
+from hookd.settings import Settings
+
+log = logging.getLogger("hookd")
+T = TypeVar("T")
+
+# Work on bodies above this size (decoding, JSON parsing and writing, answer encoding) runs in a
+# thread so one large conversation does not stall every other request on the event loop.
+OFFLOAD_BYTES = 1024 * 1024
+JSON = "application/json"
+
+
+class Draining(Exception):
+    """Shutdown's drain time ran out while the request was still being compressed."""
+
+
+class ReadError(Exception):
+    """The client did not deliver its body (timeout, reset, bad framing)."""
+
+
+class Answer:
+    """An HTTP answer before it is written: status, body and the outcome to record."""
+
+    def __init__(self, outcome: str, body: bytes = protocol.ALLOW, status: int = 200, close: bool = False) -> None:
+        self.outcome = outcome
+        self.body = body
+        self.status = status
+        self.close = close
+
+
+async def offload(size: int, fn: Callable[..., T], *args: Any) -> T:
+    if size >= OFFLOAD_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+class Hook:
+    def __init__(self, settings: Settings, compressor: Compressor, metrics: Metrics, store: Store) -> None:
+        self.settings = settings
+        self.compressor = compressor
+        self.metrics = metrics
+        self.store = store
+        # Set when a shutdown's drain time is up: calls still running are answered allow.
+        self.drain_expired = asyncio.Event()
+
+    async def hook(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        rec = summary.Record()
+        self.metrics.inbound.inc()
+        self.metrics.inbound_active.inc()
+        try:
+            try:
+                answer = await self.decide(request, rec)
+            except Exception:
+                # The last line of fail-open: a bug of ours must still cost the user nothing.
+                log.exception("unexpected failure; answering allow")
+                answer = Answer("allow(error)")
+            response = await self.respond(request, answer, rec)
+            return response
+        finally:
+            rec.dur_ms = (time.perf_counter() - started) * 1000
+            self.metrics.observe(rec)
+            self.metrics.inbound_active.dec()
+            self.metrics.inbound_completed.inc()
+            if self.settings.verbose:
+                sys.stdout.write(summary.line(rec) + "\n")
+                sys.stdout.flush()
+
+    async def decide(self, request: web.Request, rec: summary.Record) -> Answer:
+        if not auth.allowed(request, self.settings.hook_token):
+            return Answer("401", b'{"error":"missing or wrong hook token"}', status=401)
+        if request.method != "POST":
+            return Answer("405", b'{"error":"the hook takes POST"}', status=405)
+        try:
+            coding_chain = codings.parse_content_encoding(request.headers.get("Content-Encoding"))
+        except codings.UnsupportedCoding as exc:
+            # A 415 with Accept-Encoding is RFC 7694's downgrade signal: the client retries with
+            # a coding we take (or none). It is not a refusal of the request.
+            body = orjson.dumps({"error": f"unsupported Content-Encoding {str(exc)!r}", "accept": codings.SUPPORTED})
+            return Answer("reject(encoding)", body, status=415)
+        rec.coding = "+".join(coding_chain) or "identity"
+
+        read_started = time.perf_counter()
+        try:
+            wire = await self.read_body(request)
+        except codings.TooLarge:
+            return Answer("allow(too-large)", close=True)
+        except ReadError as exc:
+            log.info("could not read a request body: %s", exc)
+            return Answer("allow(read-error)", close=True)
+        finally:
+            rec.read_ms = (time.perf_counter() - read_started) * 1000
+        rec.wire_bytes = len(wire)
+
+        try:
+            decoded = await offload(len(wire), codings.decode, wire, coding_chain, self.settings.max_decoded_bytes)
+        except codings.TooLarge:
+            return Answer("allow(too-large)")
+        except codings.CorruptBody as exc:
+            log.info("request body does not decode: %s", exc)
+            return Answer("allow(decode-error)")
+        del wire
+        rec.in_bytes = len(decoded)
+
+        try:
+            call = await offload(len(decoded), protocol.parse, decoded)
+        except protocol.Passthrough:
+            return Answer("allow(passthrough)")
+        del decoded
+        rec.in_msgs = len(call.messages)
+        rec.provider, rec.model = call.provider, call.model
+        if not call.messages:
+            return Answer("allow(noop)")
+        return await self.compress(call, rec)
+
+    async def read_body(self, request: web.Request) -> bytearray:
+        limit = self.settings.max_wire_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise codings.TooLarge(f"Content-Length {request.content_length} exceeds {limit}")
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self.settings.read_timeout):
+                while chunk := await request.content.readany():
+                    body += chunk
+                    if len(body) > limit:
+                        raise codings.TooLarge(f"body exceeds {limit} bytes")
+        except codings.TooLarge:
+            raise
+        except TimeoutError:
+            raise ReadError(f"body not received within {self.settings.read_timeout} s") from None
+        except (ConnectionError, asyncio.IncompleteReadError, web.HTTPException) as exc:
+            raise ReadError(str(exc) or type(exc).__name__) from None
+        except Exception as exc:
+            # aiohttp reports a broken chunked body or an early hang-up as ClientPayloadError
+            # and friends; whatever the class, the body did not arrive.
+            raise ReadError(f"{type(exc).__name__}: {exc}") from None
+        return body
+
+    async def compress(self, call: protocol.HookCall, rec: summary.Record) -> Answer:
+        job = Job(
+            messages=call.messages,
+            model=call.model,
+            key=session_key(call.session_id, call.messages),
+            knobs=self.store.compress_knobs(),
+            affinity_wait=self.store.values["affinity_wait"],
+        )
+        try:
+            result = await self.until_drained(self.compressor.compress(job))
+        except Overloaded:
+            return Answer("allow(overload)")
+        except CompressorError as exc:
+            log.warning("compression failed: %s", exc)
+            return Answer("allow(error)")
+        except Draining:
+            return Answer("allow(shutdown)")
+        rec.worker_ms, rec.slot, rec.cold = result.worker_ms, result.slot, result.cold
+        rec.model_limit, rec.placement, rec.wait_ms = result.model_limit, result.placement, result.wait_ms
+        rec.tokens_in, rec.tokens_out = result.tokens_before, result.tokens_after
+        if result.tokens_before <= 0:
+            # headroom swallows its own errors and reports zero tokens for them.
+            return Answer("allow(error)")
+        if result.tokens_after >= result.tokens_before:
+            rec.tokens_out = result.tokens_before
+            return Answer("allow(noop)")
+        try:
+            validate.check(call.messages, result.messages)
+        except validate.InvalidOutput as exc:
+            log.warning("worker output failed validation: %s", exc)
+            rec.tokens_out = result.tokens_before
+            return Answer("allow(invalid-output)")
+        try:
+            body = await offload(rec.in_bytes, protocol.modify, call.body, result.messages)
+        except protocol.Passthrough:
+            rec.tokens_out = result.tokens_before
+            return Answer("allow(passthrough)")
+        return Answer("modify", body)
+
+    async def respond(self, request: web.Request, answer: Answer, rec: summary.Record) -> web.StreamResponse:
+        rec.outcome = answer.outcome
+        rec.out_bytes = len(answer.body)
+        response = web.Response(status=answer.status, content_type=JSON)
+        body = answer.body
+        if self.settings.accept_compressed:
+            response.headers["Accept-Encoding"] = codings.ACCEPT_ENCODING
+        if answer.status == 405:
+            response.headers["Allow"] = "POST"
+        if answer.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="hookd"'
+        if answer.status == 415:
+            # RFC 7694 section 3: the 415 lists what we do accept, whatever the flag says.
+            response.headers["Accept-Encoding"] = codings.ACCEPT_ENCODING
+        if self.settings.compress_response:
+            response.headers["Vary"] = "Accept-Encoding"
+            coding = codings.choose_response_coding(request.headers.get("Accept-Encoding"))
+            if coding and len(body) >= codings.MIN_ENCODE_BYTES:
+                body = await offload(len(body), codings.encode, body, coding)
+                response.headers["Content-Encoding"] = coding
+                rec.response_coding = coding
+        response.body = body
+        if answer.close:
+            # The rest of an oversized or broken body is not worth reading: answer and hang up.
+            response.force_close()
+        write_started = time.perf_counter()
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except (ConnectionError, RuntimeError) as exc:
+            log.info("client went away before the answer was written: %s", exc)
+        rec.write_ms = (time.perf_counter() - write_started) * 1000
+        return response
+
+    async def until_drained(self, call: Any) -> Any:
+        """The compressor's answer, or Draining once a shutdown's drain time is up (the call
+        itself runs on, shielded in the pool, and its worker is stopped with the pool)."""
+        task = asyncio.ensure_future(call)
+        expired = asyncio.ensure_future(self.drain_expired.wait())
+        try:
+            await asyncio.wait({task, expired}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            expired.cancel()
+        if task.done():
+            return task.result()
+        task.add_done_callback(_ignore_outcome)
+        raise Draining
+
+
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
