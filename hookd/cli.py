@@ -41,6 +41,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
+
+
 def positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -163,6 +170,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="longest time to receive a request body before answering allow(read-error) (default %(default)s)",
     )
     parser.add_argument(
+        "--worker-max-rss",
+        type=non_negative_int,
+        default=env_value(env, "WORKER_MAX_RSS", non_negative_int, 1536),
+        metavar="MB",
+        help="replace a worker, between requests, once its resident memory passes this (default %(default)s; 0 never)",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=positive_float,
         default=env_value(env, "DRAIN_TIMEOUT", positive_float, 20.0),
@@ -224,6 +238,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         queue_timeout=args.queue_timeout,
         read_timeout=args.read_timeout,
         drain_timeout=args.drain_timeout,
+        worker_max_rss_mb=args.worker_max_rss,
         hook_token=hook_token,
         admin_token=admin_token,
     )

@@ -36,6 +36,7 @@ class Result:
     # "hit": the session's own worker; "spill": another one; "any": affinity is off.
     placement: str = "any"
     markers_removed: int = 0
+    rss_mb: float = 0.0
 
 
 class CompressorError(Exception):

@@ -28,10 +28,19 @@ from hookd.settings import Settings
 log = logging.getLogger("hookd")
 T = TypeVar("T")
 
-# Work on bodies above this size (decoding, JSON parsing and writing, answer encoding) runs in a
-# thread so one large conversation does not stall every other request on the event loop.
+# Decoding and encoding bodies above this size run in a thread (the codecs release the GIL), so
+# one large conversation does not stall every other request on the event loop.
 OFFLOAD_BYTES = 1024 * 1024
 JSON = "application/json"
+MIB = 1024 * 1024
+COLD_SECONDS_PER_MB = 0.75
+
+
+def affinity_wait(limit: float, body_bytes: int) -> float:
+    """How long to wait for the session's busy worker: never longer than recompressing this body
+    cold elsewhere would take (bench/replay.py: ~0.7 s per MB against ~60 ms for a warm turn of
+    the same 1.1 MB conversation), and never past the operator's limit."""
+    return min(limit, COLD_SECONDS_PER_MB * body_bytes / MIB)
 
 
 class Draining(Exception):
@@ -127,7 +136,8 @@ class Hook:
         rec.in_bytes = len(decoded)
 
         try:
-            call = await offload(len(decoded), protocol.parse, decoded)
+            # orjson holds the GIL, so a thread would add a hop and free nothing.
+            call = protocol.parse(decoded)
         except protocol.Passthrough:
             return Answer("allow(passthrough)")
         del decoded
@@ -166,7 +176,7 @@ class Hook:
             model=call.model,
             key=session_key(call.session_id, call.messages),
             knobs=self.store.compress_knobs(),
-            affinity_wait=self.store.values["affinity_wait"],
+            affinity_wait=affinity_wait(self.store.values["affinity_wait"], rec.in_bytes),
         )
         try:
             result = await self.until_drained(self.compressor.compress(job))
@@ -193,7 +203,7 @@ class Hook:
             rec.tokens_out = result.tokens_before
             return Answer("allow(invalid-output)")
         try:
-            body = await offload(rec.in_bytes, protocol.modify, call.body, result.messages)
+            body = protocol.modify(call.body, result.messages)
         except protocol.Passthrough:
             rec.tokens_out = result.tokens_before
             return Answer("allow(passthrough)")

@@ -107,6 +107,9 @@ class Metrics:
         self.worker_restarts = Counter(
             "hookd_worker_restarts", "Worker processes that exited and were respawned", registry=r
         )
+        self.worker_recycles = Counter(
+            "hookd_worker_recycles", "Workers replaced because their memory passed --worker-max-rss", registry=r
+        )
         self.affinity_hits = Counter("hookd_affinity_hits", "Requests served by their session's worker", registry=r)
         self.affinity_spills = Counter(
             "hookd_affinity_spills", "Requests sent to another worker because theirs was busy or down", registry=r

@@ -288,7 +288,21 @@ class WorkerPool:
         finally:
             await self._release(worker)
         _remember(worker.seen, job.key)
+        if self.settings.worker_max_rss_mb and result.rss_mb > self.settings.worker_max_rss_mb:
+            await self._retire(worker, result.rss_mb)
         return result
+
+    async def _retire(self, worker: Worker, rss_mb: float) -> None:
+        """Replace a worker that has grown too big, once it is idle: closing its socket makes it
+        exit on its own, and its supervisor spawns a fresh one."""
+        async with self._cond:
+            if worker.state != IDLE:
+                return
+            worker.state = DEAD
+        log.info("worker %d: recycling it at %.0f MB resident", worker.slot, rss_mb)
+        self.metrics.worker_recycles.inc()
+        if worker.writer is not None:
+            worker.writer.close()
 
     async def _read(self, worker: Worker) -> dict[str, Any]:
         assert worker.reader is not None
@@ -317,6 +331,7 @@ def _result_from(reply: dict[str, Any], request_id: int, messages: list[Any]) ->
         model_limit=int(reply["model_limit"]),
         worker_ms=float(reply["worker_ms"]),
         markers_removed=int(reply.get("markers_removed", 0)),
+        rss_mb=float(reply.get("rss_mb", 0.0)),
     )
 
 

@@ -37,9 +37,10 @@ class Settings:
     affinity: bool = True
     accept_compressed: bool = True
     compress_response: bool = True
-    # How long a request waits for its session's own (busy) worker before spilling to a free one.
-    # A spill costs a cold recompress (~2.3 s on a 1.3 MB conversation) where a warm turn costs
-    # ~40 ms, so waiting up to a few warm turns is cheaper than spilling; see bench/affinity_wait.py.
+    # Longest wait for a session's own (busy) worker before spilling to a free one. A spill
+    # recompresses the conversation cold: 0.8 s for a 1.1 MB one where a warm turn takes 66 ms
+    # (bench/replay.py), so waiting out a few warm turns is cheaper. Each request waits at most
+    # what its own cold recompress would cost (hook.affinity_wait).
     affinity_wait: float = 0.5
     # How long a request may wait for any worker before it is answered `allow(overload)`: well
     # under Aperture's default 5 s hook timeout, so the user never pays that timeout.
@@ -50,6 +51,10 @@ class Settings:
     max_decoded_bytes: int = MAX_DECODED_BYTES
     # Workers get this long to import headroom and compress their warm-up samples.
     warmup_timeout: float = 120.0
+    # A worker whose resident memory passes this is replaced between requests (0: never).
+    # headroom's caches are bounded (64 MB result cache) but Python's heap rarely shrinks; with
+    # the ML model a worker sits near 0.7 GB.
+    worker_max_rss_mb: int = 1536
     # On SIGTERM, requests in flight get this long to finish; then they are answered `allow`.
     drain_timeout: float = 20.0
     # Tokens, read from files at start-up; kept out of repr so they never reach a log.

@@ -43,7 +43,7 @@ def behave(sock: socket.socket, request: dict[str, Any]) -> None:
         "tokens_after": 10,
         "model_limit": 200000,
         "worker_ms": 1.0,
-        "pid": os.getpid(),
+        "rss_mb": 5000.0 if behaviour == "bloat" else 50.0,
     }
     reply["id"] = request["id"] + (1 if behaviour == "wrong-id" else 0)
     frames.send(sock, reply)

@@ -24,6 +24,7 @@ FLAGS = [
     "--queue-timeout",
     "--read-timeout",
     "--drain-timeout",
+    "--worker-max-rss",
     "--token-file",
     "--admin-token-file",
     "--allow-unauthenticated",
@@ -106,6 +107,7 @@ def test_process_environment_is_read_when_env_is_not_given(monkeypatch: pytest.M
         (["--queue-timeout", "0.25"], "queue_timeout", 0.25),
         (["--read-timeout", "5"], "read_timeout", 5.0),
         (["--drain-timeout", "7"], "drain_timeout", 7.0),
+        (["--worker-max-rss", "512"], "worker_max_rss_mb", 512),
     ],
 )
 def test_each_flag_sets_its_setting(argv: list[str], field: str, expected: Any) -> None:

@@ -183,3 +183,15 @@ async def test_worker_failing_warmup_is_restarted_with_backoff(
     assert not pool.ready()
     with pytest.raises(Overloaded):
         await pool.compress(job())
+
+
+async def test_worker_past_the_memory_limit_is_replaced_between_requests(make_pool: MakePool) -> None:
+    pool = await make_pool(Settings(**{**FAST.__dict__, "worker_max_rss_mb": 1000}))
+    assert await pool.wait_ready(20)
+    before = pids(pool)
+    result = await pool.compress(job("bloat"))
+    assert result.tokens_after == 10
+    assert await pool.wait_ready(20)
+    assert len(set(pids(pool)) - set(before)) == 1
+    assert pool.metrics.worker_recycles._value.get() == 1
+    assert (await pool.compress(job())).tokens_after == 10

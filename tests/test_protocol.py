@@ -158,10 +158,13 @@ def test_long_digit_runs_that_survive_a_rewrite_are_still_parsed(value: bytes) -
     assert call.body["id"] == json.loads(value)
 
 
-def test_deep_body_with_a_long_digit_run_passes_through_cleanly() -> None:
-    deep = b"[" * 1020 + b'"id 1234567890123456789"' + b"]" * 1020
+def test_deep_body_is_checked_for_wide_integers_without_recursion() -> None:
+    in_string = b"[" * 1020 + b'"id 1234567890123456789012"' + b"]" * 1020
+    call = protocol.parse(b'{"request_body": {"messages": [], "t": ' + in_string + b"}}")
+    assert call.messages == []
+    wide = b"[" * 1020 + b"1234567890123456789012" + b"]" * 1020
     with pytest.raises(Passthrough):
-        protocol.parse(b'{"request_body": {"messages": [], "t": ' + deep + b"}}")
+        protocol.parse(b'{"request_body": {"messages": [], "t": ' + wide + b"}}")
 
 
 @pytest.mark.parametrize("number", [2**64 - 1, -(2**63), 0, -1])

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import re
 import time
 from typing import Any
 
 import headroom
+import orjson
 from headroom.models.registry import ModelRegistry
 from headroom.tokenizers import get_tokenizer
 from headroom.tokenizers.huggingface import HuggingFaceTokenizer
@@ -39,7 +41,8 @@ MODEL_LIMIT_OVERRIDES = (
 DEFAULT_MODEL_LIMIT = 200000
 # What a retrieval instruction looks like in headroom's output. The hook never sees the response,
 # so nothing could answer one; a message that still carries one is sent in its original form.
-RETRIEVAL_MARKERS = ("Retrieve more: hash=", "Retrieve original: hash=", "<<ccr:")
+RETRIEVAL_MARKERS = (b"Retrieve more: hash=", b"Retrieve original: hash=", b"<<ccr:")
+STALE_POINTER_TEXT = b"Retrieve original: hash="
 # headroom's stale-Read pass replaces a file read that a later edit made stale with a note, and
 # ignores the marker settings: it always ends the note with a retrieval pointer. The note itself
 # is true and useful ("re-read the file"), so only the pointer is cut. This pass saves ~40% on
@@ -87,6 +90,11 @@ def model_limit(model: str) -> int:
     return DEFAULT_MODEL_LIMIT
 
 
+def marker_text(message: Any) -> bytes:
+    # Serialised once and searched as bytes: far cheaper than walking or repr() of a 1 MB message.
+    return orjson.dumps(message)
+
+
 def cut_pointers(value: Any) -> Any:
     """`value` with the retrieval pointer cut from every stale-Read note in it."""
     if isinstance(value, str):
@@ -98,8 +106,14 @@ def cut_pointers(value: Any) -> Any:
     return value
 
 
-def has_marker(message: Any) -> bool:
-    text = str(message)
+def resident_mb() -> float:
+    """This process's resident memory, for the front end's recycle-on-growth rule."""
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+def has_marker(text: bytes) -> bool:
     return any(marker in text for marker in RETRIEVAL_MARKERS)
 
 
@@ -151,6 +165,7 @@ class Engine:
             "model_limit": limit,
             "markers_removed": removed,
             "worker_ms": (time.perf_counter() - started) * 1000,
+            "rss_mb": resident_mb(),
         }
 
     @staticmethod
@@ -170,8 +185,11 @@ class Engine:
         for index, (before, after) in enumerate(zip(original, compressed, strict=True)):
             if after is before or after == before:
                 continue
-            after = cut_pointers(after)
-            if has_marker(after) and not has_marker(before):
+            text = marker_text(after)
+            if STALE_POINTER_TEXT in text:
+                after = cut_pointers(after)
+                text = marker_text(after)
+            if has_marker(text) and not has_marker(marker_text(before)):
                 removed += 1
                 continue
             changed.append([index, after])
