@@ -170,6 +170,21 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="longest time to receive a request body before answering allow(read-error) (default %(default)s)",
     )
     parser.add_argument(
+        "--sticky-max-mb",
+        type=non_negative_int,
+        default=env_value(env, "STICKY_MAX_MB", non_negative_int, 256),
+        metavar="MB",
+        help="memory for what each conversation was sent before (sticky mode); least recently "
+        "used conversations go first (default %(default)s)",
+    )
+    parser.add_argument(
+        "--sticky-ttl",
+        type=positive_float,
+        default=env_value(env, "STICKY_TTL", positive_float, 3600.0),
+        metavar="SECONDS",
+        help="forget a conversation idle this long, as the provider's cache would (default %(default)s)",
+    )
+    parser.add_argument(
         "--worker-max-rss",
         type=non_negative_int,
         default=env_value(env, "WORKER_MAX_RSS", non_negative_int, 1536),
@@ -239,6 +254,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         read_timeout=args.read_timeout,
         drain_timeout=args.drain_timeout,
         worker_max_rss_mb=args.worker_max_rss,
+        sticky_max_mb=args.sticky_max_mb,
+        sticky_ttl=args.sticky_ttl,
         hook_token=hook_token,
         admin_token=admin_token,
     )

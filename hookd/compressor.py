@@ -19,6 +19,8 @@ class Job:
     knobs: dict[str, Any] = field(default_factory=dict)
     # How long this job may wait for its session's busy worker before spilling (live setting).
     affinity_wait: float = 0.5
+    # The first `frozen` messages were sent upstream before exactly as given: keep them as they are.
+    frozen: int = 0
 
 
 @dataclass

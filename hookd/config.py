@@ -1,9 +1,10 @@
 """Runtime compression settings: the `/config` document, its validation and its file.
 
 The knobs are headroom's `CompressConfig` fields under their own names and defaults (as
-tsheadroom exposes them), plus hookd's own `affinity_wait`. A change is validated whole before
-anything moves, written atomically under the state directory, and read by the next request:
-workers get the knobs with every job, so nothing restarts.
+tsheadroom exposes them), plus hookd's own `affinity_wait` and `sticky` (prompt-cache-safe
+mode). A change is validated whole before anything moves, written atomically under the state
+directory, and read by the next request: workers get the knobs with every job, so nothing
+restarts.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "kompress_model": None,
     "savings_profile": None,
     "affinity_wait": 0.5,
+    "sticky": True,
 }
 # Knobs that go to headroom's compress() with every job; the rest are hookd's own.
 COMPRESS_KNOBS = (
@@ -105,6 +107,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "min_tokens_to_compress": _int_in(0, MAX_MIN_TOKENS),
     "kompress_model": _model_name,
     "affinity_wait": _seconds,
+    "sticky": _bool,
 }
 
 

@@ -13,14 +13,15 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 
-from hookd import auth, codings, protocol, summary, validate
+from hookd import auth, codings, protocol, sticky, summary, validate
 from hookd.affinity import session_key
-from hookd.compressor import Compressor, CompressorError, Job, Overloaded
+from hookd.compressor import Compressor, CompressorError, Job, Overloaded, Result
 from hookd.config import Store
 from hookd.metrics import Metrics
 from hookd.settings import Settings
@@ -34,6 +35,8 @@ OFFLOAD_BYTES = 1024 * 1024
 JSON = "application/json"
 MIB = 1024 * 1024
 COLD_SECONDS_PER_MB = 0.75
+# Messages of history sent to the worker with the new ones, beyond headroom's protected window.
+CONTEXT_MESSAGES = 8
 
 
 def affinity_wait(limit: float, body_bytes: int) -> float:
@@ -54,11 +57,30 @@ class ReadError(Exception):
 class Answer:
     """An HTTP answer before it is written: status, body and the outcome to record."""
 
-    def __init__(self, outcome: str, body: bytes = protocol.ALLOW, status: int = 200, close: bool = False) -> None:
+    def __init__(
+        self,
+        outcome: str,
+        body: bytes = protocol.ALLOW,
+        status: int = 200,
+        close: bool = False,
+        sent: list[Any] | None = None,
+    ) -> None:
         self.outcome = outcome
         self.body = body
         self.status = status
         self.close = close
+        # For `modify`: the messages that go upstream, for sticky mode to remember.
+        self.sent = sent or []
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Sticky mode's state for one request: its record, and the history to send again."""
+
+    key: bytes
+    digests: bytes
+    previous: sticky.Record | None
+    prefix: list[Any]
 
 
 async def offload(size: int, fn: Callable[..., T], *args: Any) -> T:
@@ -73,6 +95,7 @@ class Hook:
         self.compressor = compressor
         self.metrics = metrics
         self.store = store
+        self.sticky = sticky.Store(settings.sticky_max_mb * MIB, settings.sticky_ttl)
         # Set when a shutdown's drain time is up: calls still running are answered allow.
         self.drain_expired = asyncio.Event()
 
@@ -171,12 +194,52 @@ class Hook:
         return body
 
     async def compress(self, call: protocol.HookCall, rec: summary.Record) -> Answer:
+        session = session_key(call.session_id, call.messages)
+        turn = self.sticky_turn(session, call.messages)
+        prefix = turn.prefix if turn else []
+        rec.frozen = len(prefix)
+        outcome = await self.run_job(call, session, turn, rec)
+        answer = outcome if isinstance(outcome, Answer) else self.answer_for(call, outcome, prefix, turn, rec)
+        if turn is not None:
+            self.remember(turn, call.messages, answer, rec)
+        return answer
+
+    def sticky_turn(self, session: bytes, messages: list[Any]) -> Turn | None:
+        """Sticky mode's view of this turn: the history sent before, re-rendered byte for byte."""
+        if not self.store.values["sticky"]:
+            return None
+        current = sticky.digests(messages)
+        key = sticky.record_key(session, current)
+        previous = self.sticky.lookup(key, current)
+        prefix: list[Any] = []
+        if previous is not None:
+            for index in range(previous.count):
+                stored = previous.emitted.get(index)
+                prefix.append(messages[index] if stored is None else sticky.render(stored, messages[index]))
+        return Turn(key, current, previous, prefix)
+
+    async def run_job(
+        self, call: protocol.HookCall, session: bytes, turn: Turn | None, rec: summary.Record
+    ) -> Result | Answer:
+        prefix = turn.prefix if turn else []
+        if len(prefix) == len(call.messages):
+            # The same request again (a client retry): everything was decided last time.
+            return Result(messages=list(prefix))
+        knobs = self.store.compress_knobs()
+        # The worker needs only enough history to judge the new messages (the recent window
+        # headroom protects, the tool calls their results answer); the rest stays here.
+        context = prefix[max(0, len(prefix) - knobs["protect_recent"] - CONTEXT_MESSAGES) :]
+        # Breakpoints go on again afterwards: headroom leaves a marked block alone (rewriting it
+        # would bust a cache), but a new message is sent compressed from its first turn on, so
+        # the provider only ever caches the compressed bytes.
+        fresh = [sticky.strip_cache_control(m) for m in call.messages[len(prefix) :]] if turn else call.messages
         job = Job(
-            messages=call.messages,
+            messages=context + fresh,
             model=call.model,
-            key=session_key(call.session_id, call.messages),
-            knobs=self.store.compress_knobs(),
+            key=session,
+            knobs=knobs,
             affinity_wait=affinity_wait(self.store.values["affinity_wait"], rec.in_bytes),
+            frozen=len(context),
         )
         try:
             result = await self.until_drained(self.compressor.compress(job))
@@ -189,25 +252,51 @@ class Hook:
             return Answer("allow(shutdown)")
         rec.worker_ms, rec.slot, rec.cold = result.worker_ms, result.slot, result.cold
         rec.model_limit, rec.placement, rec.wait_ms = result.model_limit, result.placement, result.wait_ms
-        rec.tokens_in, rec.tokens_out = result.tokens_before, result.tokens_after
         if result.tokens_before <= 0:
             # headroom swallows its own errors and reports zero tokens for them.
             return Answer("allow(error)")
-        if result.tokens_after >= result.tokens_before:
-            rec.tokens_out = result.tokens_before
+        # Back to the whole conversation: the history as sent before, then the new messages.
+        new = result.messages[job.frozen :]
+        if fresh is not call.messages:
+            originals = call.messages[len(prefix) :]
+            new = [o if m is f else sticky.mark(m, o) for m, f, o in zip(new, fresh, originals, strict=True)]
+        result.messages = prefix + new
+        return result
+
+    def answer_for(
+        self, call: protocol.HookCall, result: Result, prefix: list[Any], turn: Turn | None, rec: summary.Record
+    ) -> Answer:
+        previous = turn.previous if turn else None
+        rec.tokens_in = result.tokens_before + (previous.tokens_before if previous else 0)
+        rec.tokens_out = result.tokens_after + (previous.tokens_after if previous else 0)
+        if rec.tokens_out >= rec.tokens_in:
+            rec.tokens_out = rec.tokens_in
             return Answer("allow(noop)")
+        messages = result.messages
         try:
-            validate.check(call.messages, result.messages)
+            validate.check(call.messages, messages)
+            body = protocol.modify(call.body, messages)
         except validate.InvalidOutput as exc:
             log.warning("worker output failed validation: %s", exc)
-            rec.tokens_out = result.tokens_before
+            rec.tokens_out = rec.tokens_in
             return Answer("allow(invalid-output)")
-        try:
-            body = protocol.modify(call.body, result.messages)
         except protocol.Passthrough:
-            rec.tokens_out = result.tokens_before
+            rec.tokens_out = rec.tokens_in
             return Answer("allow(passthrough)")
-        return Answer("modify", body)
+        return Answer("modify", body, sent=messages)
+
+    def remember(self, turn: Turn, originals: list[Any], answer: Answer, rec: summary.Record) -> None:
+        """Record what went upstream this turn; after a failure, forget the conversation, so the
+        next turn starts a fresh record from a full compression."""
+        if answer.outcome == "modify":
+            record = sticky.remember(turn.previous, turn.digests, originals, answer.sent)
+        elif answer.outcome == "allow(noop)":
+            record = sticky.remember(turn.previous, turn.digests, originals, originals)
+        else:
+            self.sticky.forget(turn.key)
+            return
+        record.tokens_before, record.tokens_after = rec.tokens_in, rec.tokens_out
+        self.sticky.commit(turn.key, record)
 
     async def respond(self, request: web.Request, answer: Answer, rec: summary.Record) -> web.StreamResponse:
         rec.outcome = answer.outcome

@@ -266,7 +266,14 @@ class WorkerPool:
         worker.next_id += 1
         request_id = worker.next_id
         try:
-            payload = orjson.dumps({"id": request_id, "model": job.model, "messages": job.messages, "knobs": job.knobs})
+            frame = {
+                "id": request_id,
+                "model": job.model,
+                "messages": job.messages,
+                "knobs": job.knobs,
+                "frozen": job.frozen,
+            }
+            payload = orjson.dumps(frame)
         except orjson.JSONEncodeError as exc:
             # Nesting orjson reads but will not write; the worker never saw it and stays.
             await self._release(worker)

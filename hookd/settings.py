@@ -51,6 +51,10 @@ class Settings:
     max_decoded_bytes: int = MAX_DECODED_BYTES
     # Workers get this long to import headroom and compress their warm-up samples.
     warmup_timeout: float = 120.0
+    # Sticky mode's memory of what each conversation was sent: bounded by total size and by idle
+    # time. An hour covers the longest provider cache lifetime (Anthropic's 1 h breakpoints).
+    sticky_max_mb: int = 256
+    sticky_ttl: float = 3600.0
     # A worker whose resident memory passes this is replaced between requests (0: never).
     # headroom's caches are bounded (64 MB result cache) but Python's heap rarely shrinks; with
     # the ML model a worker sits near 0.7 GB.

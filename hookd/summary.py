@@ -27,6 +27,7 @@ class Record:
     tokens_out: int = 0
     placement: str = "-"
     wait_ms: float = 0.0
+    frozen: int = 0
     response_coding: str = "identity"
     outcome: str = "allow(noop)"
     provider: str = ""
@@ -41,5 +42,5 @@ def line(rec: Record) -> str:
         f"write_ms={rec.write_ms:.0f} worker_ms={rec.worker_ms:.0f} slot={slot} "
         f"cold={'true' if rec.cold else 'false'} model_limit={rec.model_limit} "
         f"tokens_in={rec.tokens_in} tokens_out={rec.tokens_out} affinity={rec.placement} "
-        f"wait_ms={rec.wait_ms:.0f} resp={rec.response_coding} -> {rec.outcome}"
+        f"wait_ms={rec.wait_ms:.0f} frozen={rec.frozen} resp={rec.response_coding} -> {rec.outcome}"
     )

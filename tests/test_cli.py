@@ -25,6 +25,8 @@ FLAGS = [
     "--read-timeout",
     "--drain-timeout",
     "--worker-max-rss",
+    "--sticky-max-mb",
+    "--sticky-ttl",
     "--token-file",
     "--admin-token-file",
     "--allow-unauthenticated",
@@ -108,6 +110,8 @@ def test_process_environment_is_read_when_env_is_not_given(monkeypatch: pytest.M
         (["--read-timeout", "5"], "read_timeout", 5.0),
         (["--drain-timeout", "7"], "drain_timeout", 7.0),
         (["--worker-max-rss", "512"], "worker_max_rss_mb", 512),
+        (["--sticky-max-mb", "64"], "sticky_max_mb", 64),
+        (["--sticky-ttl", "300"], "sticky_ttl", 300.0),
     ],
 )
 def test_each_flag_sets_its_setting(argv: list[str], field: str, expected: Any) -> None:

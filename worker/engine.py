@@ -143,25 +143,26 @@ class Engine:
                 raise RuntimeError("warm-up compression failed; see headroom's log above")
         return (time.perf_counter() - started) * 1000
 
-    def compress(self, messages: list[Any], model: str, knobs: dict[str, Any]) -> dict[str, Any]:
+    def compress(self, messages: list[Any], model: str, knobs: dict[str, Any], frozen: int = 0) -> dict[str, Any]:
+        """Compress `messages`, leaving the first `frozen` exactly as they are. Token counts
+        cover only the messages after the frozen ones: the front end knows the rest."""
         started = time.perf_counter()
         counting = self._cached(self._counting, model, counting_model)
         limit = self._cached(self._limits, model, model_limit)
-        result = headroom.compress(messages, model=counting, model_limit=limit, **knobs)
-        reply: dict[str, Any] = {"ok": True}
-        removed = 0
-        tokens_after = result.tokens_after
+        result = headroom.compress(messages, model=counting, model_limit=limit, frozen_message_count=frozen, **knobs)
+        reply: dict[str, Any] = {"ok": True, "tokens_before": result.tokens_before, "tokens_after": result.tokens_after}
         if len(result.messages) != len(messages):
             # Sent whole, so the front end's validation sees (and refuses) the new length.
             reply["messages"] = result.messages
+            removed = 0
         else:
-            changed, removed = self._changes(messages, result.messages)
-            reply["changed"] = changed
-            if removed:
-                tokens_after = self._recount(counting, messages, changed)
+            reply["changed"], removed = self._changes(messages, result.messages)
+            if frozen or removed:
+                # headroom counts frozen messages inconsistently, and not the markers we removed.
+                reply["tokens_before"], reply["tokens_after"] = self._recount(
+                    counting, messages, reply["changed"], frozen
+                )
         return reply | {
-            "tokens_before": result.tokens_before,
-            "tokens_after": tokens_after,
             "model_limit": limit,
             "markers_removed": removed,
             "worker_ms": (time.perf_counter() - started) * 1000,
@@ -196,8 +197,9 @@ class Engine:
         return changed, removed
 
     @staticmethod
-    def _recount(model: str, original: list[Any], changed: list[list[Any]]) -> int:
-        messages = list(original)
+    def _recount(model: str, original: list[Any], changed: list[list[Any]], frozen: int) -> tuple[int, int]:
+        sent = list(original)
         for index, message in changed:
-            messages[index] = message
-        return int(_compress_module._get_pipeline()._get_tokenizer(model).count_messages(messages))
+            sent[index] = message
+        tokenizer = _compress_module._get_pipeline()._get_tokenizer(model)
+        return int(tokenizer.count_messages(original[frozen:])), int(tokenizer.count_messages(sent[frozen:]))

@@ -51,7 +51,8 @@ def serve(sock: socket.socket, engine: Any) -> None:
 def handle(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     try:
-        reply = engine.compress(request["messages"], request.get("model") or "", request.get("knobs") or {})
+        knobs = request.get("knobs") or {}
+        reply = engine.compress(request["messages"], request.get("model") or "", knobs, int(request.get("frozen") or 0))
     except Exception as exc:
         # compress() swallows its own errors; this is for ours (a knob headroom refused, say).
         # The worker is still healthy, so it answers and stays.

@@ -1,0 +1,181 @@
+"""Prompt-cache-safe compression: what each conversation was sent last turn, and sending it again.
+
+A provider caches a conversation's prefix by content. Plain per-turn compression rewrites old
+messages differently as the conversation grows (a tool result compresses once it leaves the
+protected recent window, a search result is re-ranked against the newest question), so the next
+turn misses the cache and pays full price for history it had cached. In sticky mode each message
+is compressed once, when it first arrives; every later turn sends exactly what was sent before
+for the history and compresses only what is new (headroom's `frozen_message_count` keeps its
+hands off the history).
+
+The state lives here, in the front end, because every request of a conversation passes through
+it whichever worker serves the turn. It holds a 16-byte digest per message and the emitted bytes
+of the messages compression changed, in memory only, bounded by bytes and age.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+DIGEST = 16
+# What a record costs beyond its emitted bytes: the digests and the bookkeeping objects.
+RECORD_OVERHEAD = 256
+CACHE_CONTROL = "cache_control"
+
+
+def strip_cache_control(value: Any) -> Any:
+    """`value` without cache breakpoints; the same object when it has none."""
+    if isinstance(value, dict):
+        if CACHE_CONTROL not in value and not any(isinstance(v, dict | list) for v in value.values()):
+            return value
+        return {k: strip_cache_control(v) for k, v in value.items() if k != CACHE_CONTROL}
+    if isinstance(value, list):
+        return [strip_cache_control(v) for v in value]
+    return value
+
+
+def canonical(message: Any) -> bytes:
+    """The message as the provider's cache sees it. Clients move breakpoints every turn (Claude
+    Code marks the last two messages) and write a marked message's text as a one-block list, so
+    both markers and that wrapping are taken out before comparing turns."""
+    message = strip_cache_control(message)
+    if isinstance(message, dict):
+        content = message.get("content")
+        if isinstance(content, list) and len(content) == 1 and _plain_text_block(content[0]):
+            message = {**message, "content": content[0]["text"]}
+    return orjson.dumps(message, option=orjson.OPT_SORT_KEYS)
+
+
+def _plain_text_block(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") == "text" and set(block) == {"type", "text"}
+
+
+def digests(messages: list[Any]) -> bytes:
+    return b"".join(hashlib.blake2b(canonical(m), digest_size=DIGEST).digest() for m in messages)
+
+
+def record_key(session: bytes, all_digests: bytes) -> bytes:
+    """One record per conversation and first message: sub-agents share their parent's session id
+    but start from their own first message, and must not overwrite each other's record."""
+    return hashlib.blake2b(session + all_digests[:DIGEST], digest_size=DIGEST).digest()
+
+
+@dataclass
+class Record:
+    digests: bytes
+    # Index -> what was sent for that message, when it differs from the original; without
+    # cache breakpoints, which are the request's own each turn.
+    emitted: dict[int, bytes] = field(default_factory=dict)
+    tokens_before: int = 0
+    tokens_after: int = 0
+    used: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.digests) // DIGEST
+
+    @property
+    def size(self) -> int:
+        return len(self.digests) + sum(len(b) for b in self.emitted.values()) + RECORD_OVERHEAD
+
+
+class Store:
+    """Records by conversation, least recently used first; bounded by total bytes and idle age."""
+
+    def __init__(self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.clock = clock
+        self.records: OrderedDict[bytes, Record] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def lookup(self, key: bytes, current: bytes) -> Record | None:
+        """The record whose messages start this request's, or None (and the record is dropped
+        when the history no longer matches: an edit, a rewind, a branch)."""
+        self._expire()
+        record = self.records.get(key)
+        if record is None:
+            return None
+        if not current.startswith(record.digests):
+            self._drop(key)
+            return None
+        record.used = self.clock()
+        self.records.move_to_end(key)
+        return record
+
+    def commit(self, key: bytes, record: Record) -> None:
+        self._drop(key)
+        record.used = self.clock()
+        if record.size > self.max_bytes:
+            return
+        self.records[key] = record
+        self.bytes += record.size
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self.records)))
+
+    def forget(self, key: bytes) -> None:
+        self._drop(key)
+
+    def _drop(self, key: bytes) -> None:
+        record = self.records.pop(key, None)
+        if record is not None:
+            self.bytes -= record.size
+
+    def _expire(self) -> None:
+        horizon = self.clock() - self.ttl
+        while self.records:
+            key, oldest = next(iter(self.records.items()))
+            if oldest.used >= horizon:
+                break
+            self._drop(key)
+
+
+def render(stored: bytes, current: dict[str, Any]) -> Any:
+    """A message as sent before, carrying this request's own cache breakpoints."""
+    return mark(orjson.loads(stored), current)
+
+
+def mark(message: Any, current: Any) -> Any:
+    """`message` (compressed, unmarked) with the cache breakpoints `current` carries, block for
+    block; a lone text string becomes a one-block list again when the client marked it so."""
+    if not isinstance(message, dict) or not isinstance(current, dict):
+        return message
+    now = current.get("content")
+    then = message.get("content")
+    if not isinstance(now, list):
+        return message
+    if isinstance(then, str) and len(now) == 1 and isinstance(now[0], dict) and now[0].get("type") == "text":
+        message = {**message, "content": [{"type": "text", "text": then}]}
+        then = message["content"]
+    if isinstance(then, list) and len(then) == len(now):
+        for block, marked in zip(then, now, strict=True):
+            if isinstance(marked, dict) and CACHE_CONTROL in marked and isinstance(block, dict):
+                block[CACHE_CONTROL] = marked[CACHE_CONTROL]
+    return message
+
+
+def remember(previous: Record | None, current: bytes, originals: list[Any], sent: list[Any]) -> Record:
+    """The record after this turn: the old one extended by what was sent for the new messages."""
+    start = previous.count if previous else 0
+    emitted = dict(previous.emitted) if previous else {}
+    for index in range(start, len(originals)):
+        if sent[index] is not originals[index]:
+            stored = orjson.dumps(strip_cache_control(sent[index]))
+            if stored != orjson.dumps(strip_cache_control(originals[index])):
+                emitted[index] = stored
+    return Record(
+        digests=current,
+        emitted=emitted,
+        tokens_before=previous.tokens_before if previous else 0,
+        tokens_after=previous.tokens_after if previous else 0,
+    )
