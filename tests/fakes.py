@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Callable
 from typing import Any
 
 from hookd.compressor import CompressorError, Job, Overloaded, Result
+
+# The `start` fixture (conftest): starts the app with a fake behind the seam, returns its URL,
+# the fake and a client session.
+Start = Callable[..., Any]
 
 
 def shorten(messages: list[Any]) -> list[Any]:
@@ -55,15 +60,17 @@ class FakeCompressor:
             raise Overloaded("no worker free")
         if self.mode == "slow":
             await asyncio.sleep(0.5)
-        messages = shorten(job.messages)
+        # Like headroom, leave the frozen history alone and count only what follows it.
+        live = job.messages[job.frozen :]
+        messages = job.messages[: job.frozen] + shorten(live)
         if self.mode == "same":
             messages = job.messages
         elif self.mode == "drop-message":
             messages = messages[:-1]
         elif self.mode == "rename-tool-id":
             messages = _rename_tool_ids(messages)
-        before = sum(len(str(m)) for m in job.messages)
-        after = sum(len(str(m)) for m in messages)
+        before = sum(len(str(m)) for m in live)
+        after = sum(len(str(m)) for m in messages[job.frozen :])
         if self.mode == "zero-tokens":
             before = after = 0
         return Result(messages=messages, tokens_before=before, tokens_after=after, model_limit=200000, slot=0)

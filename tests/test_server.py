@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
-import socket
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -14,12 +11,8 @@ import orjson
 import pytest
 import zstandard
 
-from hookd import server
-from hookd.config import Store
-from hookd.metrics import Metrics
-from hookd.settings import Settings
 from tests import client
-from tests.fakes import FakeCompressor
+from tests.fakes import Start
 
 ANTHROPIC_CALL: dict[str, Any] = {
     "metadata": {"provider": "anthropic", "model": "claude-sonnet-4-5", "session_id": "s1"},
@@ -36,37 +29,6 @@ ANTHROPIC_CALL: dict[str, Any] = {
         ],
     },
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-Start = Callable[..., Any]
-
-
-@pytest.fixture
-async def start(tmp_path: Path) -> AsyncIterator[Start]:
-    runners: list[Any] = []
-    sessions: list[aiohttp.ClientSession] = []
-
-    async def _start(mode: str = "shorten", **overrides: Any) -> tuple[str, FakeCompressor, aiohttp.ClientSession]:
-        settings = dataclasses.replace(Settings(port=free_port()), **overrides)
-        fake = FakeCompressor(mode)
-        store = Store(tmp_path / f"state-{len(runners)}", settings.affinity_wait)
-        runner = await server.start_site(server.build_app(settings, fake, Metrics(), store), settings)
-        runners.append(runner)
-        session = aiohttp.ClientSession()
-        sessions.append(session)
-        return f"http://127.0.0.1:{settings.port}/", fake, session
-
-    yield _start
-    for session in sessions:
-        await session.close()
-    for runner in runners:
-        await runner.cleanup()
 
 
 async def test_modify_replaces_only_messages(start: Start) -> None:
