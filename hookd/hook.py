@@ -201,8 +201,26 @@ class Hook:
         outcome = await self.run_job(call, session, turn, rec)
         answer = outcome if isinstance(outcome, Answer) else self.answer_for(call, outcome, prefix, turn, rec)
         if turn is not None:
+            if answer.outcome not in ("modify", "allow(noop)") and turn.previous and turn.previous.emitted:
+                answer = self.history_only(call, turn, answer, rec)
             self.remember(turn, call.messages, answer, rec)
         return answer
+
+    def history_only(self, call: protocol.HookCall, turn: Turn, failed: Answer, rec: summary.Record) -> Answer:
+        """When the new messages could not be compressed, `allow` would send the original history
+        and miss the provider's cache for all of it. Sending last turn's history again with the
+        new messages untouched is as safe (those bytes were checked and sent before) and keeps
+        the cache; the new messages then stay uncompressed, as sticky mode promises."""
+        messages = turn.prefix + call.messages[len(turn.prefix) :]
+        try:
+            validate.check(call.messages, messages)
+            body = protocol.modify(call.body, messages)
+        except (validate.InvalidOutput, protocol.Passthrough):
+            return failed
+        assert turn.previous is not None
+        rec.tokens_in, rec.tokens_out = turn.previous.tokens_before, turn.previous.tokens_after
+        log.info("sending last turn's history again after %s", failed.outcome)
+        return Answer("modify(history)", body, sent=messages)
 
     def sticky_turn(self, session: bytes, messages: list[Any]) -> Turn | None:
         """Sticky mode's view of this turn: the history sent before, re-rendered byte for byte."""
@@ -255,6 +273,9 @@ class Hook:
         if result.tokens_before <= 0:
             # headroom swallows its own errors and reports zero tokens for them.
             return Answer("allow(error)")
+        if not isinstance(result.messages, list) or len(result.messages) != len(job.messages):
+            log.warning("worker output failed validation: %d messages became a different count", len(job.messages))
+            return Answer("allow(invalid-output)")
         # Back to the whole conversation: the history as sent before, then the new messages.
         new = result.messages[job.frozen :]
         if fresh is not call.messages:
@@ -286,16 +307,23 @@ class Hook:
         return Answer("modify", body, sent=messages)
 
     def remember(self, turn: Turn, originals: list[Any], answer: Answer, rec: summary.Record) -> None:
-        """Record what went upstream this turn; after a failure, forget the conversation, so the
-        next turn starts a fresh record from a full compression."""
-        if answer.outcome == "modify":
-            record = sticky.remember(turn.previous, turn.digests, originals, answer.sent)
-        elif answer.outcome == "allow(noop)":
-            record = sticky.remember(turn.previous, turn.digests, originals, originals)
+        """Record what went upstream this turn, whatever the outcome: a message sent as it came
+        stays that way, so the provider's cached prefix never changes under it. Only when the
+        history could not be sent as recorded is the conversation forgotten (the next turn then
+        starts a fresh record from a full compression)."""
+        if answer.outcome.startswith("modify"):
+            sent = answer.sent
+        elif turn.previous is None or not turn.previous.emitted:
+            sent = originals
         else:
             self.sticky.forget(turn.key)
             return
-        record.tokens_before, record.tokens_after = rec.tokens_in, rec.tokens_out
+        record = sticky.remember(turn.previous, turn.digests, originals, sent)
+        if rec.tokens_in:
+            record.tokens_before, record.tokens_after = rec.tokens_in, rec.tokens_out
+        elif turn.previous is not None:
+            # Nothing was counted this turn (the worker failed): the history's counts stand.
+            record.tokens_before, record.tokens_after = turn.previous.tokens_before, turn.previous.tokens_after
         self.sticky.commit(turn.key, record)
 
     async def respond(self, request: web.Request, answer: Answer, rec: summary.Record) -> web.StreamResponse:

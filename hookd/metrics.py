@@ -34,7 +34,7 @@ KNOWN_PROVIDERS = frozenset(
 MAX_MODEL_LABELS = 64
 MAX_LABEL_CHARS = 80
 # Outcomes that mean "we meant to compress and could not": tsheadroom's failed counter.
-FAILED_OUTCOMES = frozenset({"allow(error)", "allow(invalid-output)", "allow(overload)"})
+FAILED_OUTCOMES = frozenset({"allow(error)", "allow(invalid-output)", "allow(overload)", "modify(history)"})
 
 
 class ModelLabels:
@@ -143,7 +143,7 @@ class Metrics:
         if rec.tokens_in > 0:
             self.tokens_input.inc(rec.tokens_in)
             self.tokens_after.inc(rec.tokens_out)
-        if rec.outcome == "modify":
+        if rec.outcome.startswith("modify"):
             self.tokens_saved.inc(rec.tokens_in - rec.tokens_out)
 
     def render(self) -> bytes:

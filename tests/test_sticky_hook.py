@@ -20,8 +20,12 @@ def conversation(turns: int, marked: bool = True) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = [{"role": "user", "content": "start"}]
     for turn in range(turns):
         tool_id = f"toolu_{turn}"
-        messages.append({"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": "Bash", "input": {}}]})
-        messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": f"{turn} {LONG}"}]})
+        messages.append(
+            {"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": "Bash", "input": {}}]}
+        )
+        messages.append(
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": f"{turn} {LONG}"}]}
+        )
     if marked:
         for message in messages[-2:]:
             message["content"] = [{**block, "cache_control": {"type": "ephemeral"}} for block in _blocks(message)]
@@ -87,14 +91,32 @@ async def test_a_retry_is_answered_without_the_worker(start: Start) -> None:
     assert [sticky.canonical(m) for m in again] == [sticky.canonical(m) for m in first]
 
 
-async def test_a_failed_turn_forgets_the_conversation(start: Start) -> None:
-    url, fake, session = await start()
-    await send(session, url, conversation(2))
-    fake.mode = "error"
-    assert await send(session, url, conversation(3)) == conversation(3)
+@pytest.mark.parametrize("failure", ["error", "overload", "drop-message"])
+async def test_a_failed_turn_sends_last_turns_history_again(
+    start: Start, failure: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, fake, session = await start(verbose=True)
+    first = await send(session, url, conversation(2))
+    fake.mode = failure
+    second = await send(session, url, conversation(3))
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("-> modify(history)")
+    assert same_prefix(first, second)
+    # The new messages went out as they came, and stay that way.
+    assert second[-2:] == conversation(3)[-2:]
     fake.mode = "shorten"
-    await send(session, url, conversation(4))
-    assert fake.jobs[-1].frozen == 0
+    third = await send(session, url, conversation(4))
+    assert same_prefix(second, third)
+    assert fake.jobs[-1].frozen > 0
+
+
+async def test_a_failed_first_turn_is_an_allow_and_its_messages_stay_as_sent(start: Start) -> None:
+    url, fake, session = await start()
+    fake.mode = "error"
+    assert await send(session, url, conversation(2)) == conversation(2)
+    fake.mode = "shorten"
+    second = await send(session, url, conversation(3))
+    assert same_prefix(conversation(2), second)
+    assert fake.jobs[-1].frozen > 0
 
 
 @pytest.mark.parametrize("sticky_on", [True, False])
