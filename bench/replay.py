@@ -328,7 +328,10 @@ async def hookd_turn(
     return posted | {"server": server}
 
 
-def start_hookd(state_dir: str, *flags: str) -> tuple[Hookd, float]:
+def start_hookd(state_dir: str, *flags: str, sticky: bool = True) -> tuple[Hookd, float]:
+    if not sticky:
+        # Plain per-turn compression (tsheadroom's behaviour): hookd reads this at start-up.
+        (Path(state_dir) / "settings.json").write_text('{"sticky": false}')
     started = time.monotonic()
     hookd = Hookd(*flags, state_dir=Path(state_dir), pool_size=POOL_SIZE)
     try:
@@ -342,12 +345,12 @@ def start_hookd(state_dir: str, *flags: str) -> tuple[Hookd, float]:
 # -- part 1: one session, in-process vs hookd -----------------------------------------------------
 
 
-def run_replay(session: Session) -> dict[str, Any]:
+def run_replay(session: Session, sticky: bool) -> dict[str, Any]:
     inproc = InProcess(session)
     try:
         with tempfile.TemporaryDirectory() as state:
             # Both warm up at once: nothing is measured yet, and it saves a warm-up's wall time.
-            hookd, ready_s = start_hookd(state)
+            hookd, ready_s = start_hookd(state, sticky=sticky)
             try:
                 child = inproc.wait_ready()
                 measured = asyncio.run(replay_phases(session, inproc, hookd))
@@ -742,7 +745,8 @@ def render_header(results: dict[str, Any]) -> list[str]:
         f"- machine: {m['cpu_count']} cores ({m['usable_cpus']} usable), {m['mem_total_mib']} MiB RAM "
         f"({m['mem_available_mib']} MiB available); load average {fmt_load(m['loadavg'])} at start, "
         f"{fmt_load(results['loadavg_end'])} at end; {m['platform']}",
-        f"- Python {m['python']}, headroom-ai {m['headroom']}, aiohttp {m['aiohttp']}; hookd pool size {POOL_SIZE}; "
+        f"- Python {m['python']}, headroom-ai {m['headroom']}, aiohttp {m['aiohttp']}; hookd pool size {POOL_SIZE}, "
+        f"compression mode {results['hookd_mode']}; "
         f"hookd+worker sources sha256 {m['source_digest']}{source_note(results)}",
         "",
     ]
@@ -903,6 +907,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"a small session and {QUICK_TURNS} turns per session")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<timestamp>/)")
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="replay through hookd with sticky mode off (plain per-turn compression, as tsheadroom does)",
+    )
     return parser.parse_args(argv)
 
 
@@ -914,13 +923,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     pair = [load_session(name, cap) for name in pick_pair(rows)]
     results: dict[str, Any] = {
         "quick": args.quick,
+        "hookd_mode": "plain" if args.plain else "sticky",
         "command": shlex.join([sys.executable, "-m", "bench.replay", *argv]),
         "cwd": os.getcwd(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "machine": machine_info(),
         "pair": [{"name": s.name, "turns": s.turns, "slot": s.slot} for s in pair],
     }
-    results["replay"] = run_replay(replay_session)
+    results["replay"] = run_replay(replay_session, sticky=not args.plain)
     results["affinity"] = run_affinity(*pair, quick=args.quick)
     results["replay_summary"] = replay_summary(results["replay"])
     results["affinity_summary"] = [scenario_summary(s) for s in results["affinity"]]

@@ -26,6 +26,7 @@ class Hookd:
     """`hookd` on a free loopback port; stdout (-v lines) and stderr are collected in memory."""
 
     def __init__(self, *flags: str, state_dir: Path, env: dict[str, str] | None = None, pool_size: int = 2) -> None:
+        self.state_dir = state_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         args = [sys.executable, "-m", "hookd", "-v", "--listen", f"127.0.0.1:{self.port}"]

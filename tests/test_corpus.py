@@ -6,9 +6,12 @@ Skipped, saying why, when ../shared/corpus is not beside the clone.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import time
 from collections import Counter
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
@@ -17,6 +20,7 @@ import pytest
 from hookd import validate
 from tests import client
 from tests.hookd_process import Hookd
+from tests.test_integration import files_containing
 
 pytestmark = pytest.mark.corpus
 FIELD = re.compile(r"(\w+)=(\S+)")
@@ -27,10 +31,33 @@ def fields(line: str) -> dict[str, str]:
     return {**dict(FIELD.findall(head)), "outcome": outcome.strip()}
 
 
+SECRET = f"PLANTED-{os.urandom(8).hex()}"
+
+
+class Replay(NamedTuple):
+    answers: list[tuple[str, Any, Any]]
+    lines: list[str]
+    started: float
+
+
+def planted(call: dict[str, Any]) -> dict[str, Any]:
+    """The call with SECRET in its newest message, where tool output arrives."""
+    messages = list(call["request_body"]["messages"])
+    last = dict(messages[-1])
+    content = last.get("content")
+    if isinstance(content, str):
+        last["content"] = f"{content}\n{SECRET}"
+    elif isinstance(content, list):
+        # After any tool results, which must come first.
+        last["content"] = [*content, {"type": "text", "text": SECRET}]
+    messages[-1] = last
+    return {**call, "request_body": {**call["request_body"], "messages": messages}}
+
+
 async def replay(
     server: Hookd, sessions: list[dict[str, Any]], coding: str | None = None
 ) -> list[tuple[str, Any, Any]]:
-    """Each session turn by turn; two sessions at a time, as two agents would."""
+    """Each session turn by turn, a secret planted in every request; two sessions at a time."""
     from tests import corpus
 
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -41,7 +68,7 @@ async def replay(
     async def agent(http: aiohttp.ClientSession) -> None:
         while not queue.empty():
             session = queue.get_nowait()
-            for call in corpus.hook_calls(session):
+            for call in map(planted, corpus.hook_calls(session)):
                 status, _, answer = await client.post(http, server.url, call, coding=coding)
                 assert status == 200
                 answers.append((session["name"], call, answer))
@@ -52,23 +79,22 @@ async def replay(
 
 
 @pytest.fixture(scope="module")
-def replayed(hookd: Hookd, corpus_sessions: list[dict[str, Any]]) -> tuple[list[tuple[str, Any, Any]], list[str]]:
+def replayed(hookd: Hookd, corpus_sessions: list[dict[str, Any]]) -> Replay:
+    started = time.time() - 1
     seen = len(hookd.stdout)
     answers = asyncio.run(replay(hookd, corpus_sessions))
     hookd.line(seen + len(answers) - 1)
-    return answers, hookd.stdout[seen:]
+    return Replay(answers, hookd.stdout[seen:], started)
 
 
-def test_every_request_is_answered_allow_or_modify(
-    replayed: tuple[list[Any], list[str]], corpus_sessions: list[Any]
-) -> None:
-    answers, _ = replayed
+def test_every_request_is_answered_allow_or_modify(replayed: Replay, corpus_sessions: list[Any]) -> None:
+    answers = replayed.answers
     assert len(answers) == sum(len(s["turn_ends"]) for s in corpus_sessions)
     assert {answer["action"] for _, _, answer in answers} <= {"allow", "modify"}
 
 
-def test_every_modify_keeps_other_fields_and_tool_pairing(replayed: tuple[list[Any], list[str]]) -> None:
-    answers, _ = replayed
+def test_every_modify_keeps_other_fields_and_tool_pairing(replayed: Replay) -> None:
+    answers = replayed.answers
     modified = [(call, answer) for _, call, answer in answers if answer["action"] == "modify"]
     assert len(modified) > len(answers) / 3
     for call, answer in modified:
@@ -77,23 +103,23 @@ def test_every_modify_keeps_other_fields_and_tool_pairing(replayed: tuple[list[A
         validate.check(sent["messages"], got["messages"])
 
 
-def test_no_answer_carries_a_retrieval_instruction(replayed: tuple[list[Any], list[str]]) -> None:
-    answers, _ = replayed
+def test_no_answer_carries_a_retrieval_instruction(replayed: Replay) -> None:
+    answers = replayed.answers
     for _, _, answer in answers:
         text = orjson.dumps(answer)
         assert b"Retrieve more: hash=" not in text
         assert b"Retrieve original: hash=" not in text
 
 
-def test_every_model_counts_tokens_offline(replayed: tuple[list[Any], list[str]]) -> None:
-    _, lines = replayed
+def test_every_model_counts_tokens_offline(replayed: Replay) -> None:
+    lines = replayed.lines
     outcomes = Counter(fields(line)["outcome"] for line in lines)
     assert set(outcomes) <= {"modify", "allow(noop)"}, outcomes
     assert all(int(fields(line)["tokens_in"]) > 0 for line in lines)
 
 
-def test_sessions_with_bulky_tool_output_save_tokens(replayed: tuple[list[Any], list[str]]) -> None:
-    answers, lines = replayed
+def test_sessions_with_bulky_tool_output_save_tokens(replayed: Replay) -> None:
+    answers, lines = replayed.answers, replayed.lines
     sent: Counter[str] = Counter()
     forwarded: Counter[str] = Counter()
     for name, call, answer in answers:
@@ -109,6 +135,12 @@ def test_sessions_with_bulky_tool_output_save_tokens(replayed: tuple[list[Any], 
     tokens_in = sum(int(fields(line)["tokens_in"]) for line in lines)
     tokens_out = sum(int(fields(line)["tokens_out"]) for line in lines)
     assert tokens_out < 0.98 * tokens_in
+
+
+def test_no_content_reached_disk_during_the_replay(replayed: Replay, hookd: Hookd) -> None:
+    assert all(SECRET.encode() in orjson.dumps(call) for _, call, _ in replayed.answers)
+    roots = [hookd.state_dir, Path.home(), Path("/tmp")]
+    assert files_containing(roots, SECRET.encode(), since=replayed.started) == []
 
 
 @pytest.mark.parametrize("coding", ["zstd", "br", "gzip"])

@@ -169,7 +169,7 @@ async def test_sigkill_of_the_busy_worker_answers_allow_and_the_pool_recovers(tm
         assert (status, answer["action"]) == (200, "modify")
 
 
-def _files_containing(roots: list[Path], needle: bytes, since: float) -> list[Path]:
+def files_containing(roots: list[Path], needle: bytes, since: float) -> list[Path]:
     found = []
     for root in roots:
         for dirpath, _, names in os.walk(root, onerror=lambda _: None):
@@ -206,4 +206,4 @@ async def test_request_content_never_reaches_disk(tmp_path: Path, anthropic_mess
             status, _, answer = await post(server, call)
             assert (status, answer["action"]) == (200, "modify")
     roots = [state, Path.home(), Path("/tmp")]
-    assert _files_containing(roots, secret.encode(), since=started) == []
+    assert files_containing(roots, secret.encode(), since=started) == []
