@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
+import subprocess
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,6 +22,7 @@ import pytest
 
 from hookd import validate
 from tests import client
+from tests.corpus import REPO
 from tests.hookd_process import Hookd
 from tests.test_integration import files_containing
 
@@ -141,6 +145,27 @@ def test_no_content_reached_disk_during_the_replay(replayed: Replay, hookd: Hook
     assert all(SECRET.encode() in orjson.dumps(call) for _, call, _ in replayed.answers)
     roots = [hookd.state_dir, Path.home(), Path("/tmp")]
     assert files_containing(roots, SECRET.encode(), since=replayed.started) == []
+
+
+def test_metrics_agree_with_the_replay(replayed: Replay, hookd: Hookd) -> None:
+    with urllib.request.urlopen(hookd.url + "metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
+    outcomes = Counter(fields(line)["outcome"] for line in replayed.lines)
+    saved = sum(
+        int(fields(line)["tokens_in"]) - int(fields(line)["tokens_out"])
+        for line in replayed.lines
+        if fields(line)["outcome"].startswith("modify")
+    )
+    assert values["headroom_requests_total"] == len(replayed.answers)
+    for outcome, count in outcomes.items():
+        assert values[f'hookd_outcomes_total{{outcome="{outcome}"}}'] == count
+    assert values["headroom_tokens_saved_total"] == saved > 0
+    tool = shutil.which("promtool") or shutil.which("promtool", path=str(REPO / ".venv" / "bin"))
+    if tool is None:
+        pytest.skip("promtool not installed (Debian package prometheus; scripts/test installs it)")
+    checked = subprocess.run([tool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 @pytest.mark.parametrize("coding", ["zstd", "br", "gzip"])
