@@ -28,6 +28,7 @@ log = logging.getLogger("hookd")
 # Answers already decided when the drain time ran out still need a moment to be written.
 WRITE_MARGIN_S = 2.0
 EXIT_ON_SECOND_SIGNAL = 130
+IDLE_TIMEOUT_S = 120.0
 ADMIN = web.AppKey("admin", Admin)
 HOOK = web.AppKey("hook", Hook)
 
@@ -53,6 +54,10 @@ async def start_site(app: web.Application, settings: Settings) -> web.AppRunner:
         access_log=None,
         handler_cancellation=False,
         shutdown_timeout=settings.drain_timeout + WRITE_MARGIN_S,
+        # Also bounds a connection that never completes its headers (slowloris): aiohttp closes
+        # it once this passes. Longer than Go's 90 s idle timeout, so Aperture's client closes
+        # its idle connections first and never sends on one we are closing.
+        keepalive_timeout=IDLE_TIMEOUT_S,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
