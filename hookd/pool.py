@@ -123,6 +123,8 @@ class WorkerPool:
             except (OSError, TimeoutError, frames.FrameError, asyncio.IncompleteReadError) as exc:
                 log.error("worker %d: failed to start: %s", worker.slot, exc or type(exc).__name__)
                 worker.crashes += 1
+                if not self._stopping:
+                    self.metrics.worker_restarts.inc()
                 await self._end(worker)
                 continue
             async with self._cond:

@@ -16,6 +16,9 @@ ALLOW = b'{"action":"allow"}'
 # number back into a `modify`. Such a float is at least 2**63 in size; one that came from a
 # float literal that large is refused too (rare, and refusing costs only the savings).
 WIDE = float(2**63)
+# orjson reads nesting up to 1024 levels but writes only about 255, and the answer wraps the body
+# in two more; real requests (tool schemas included) stay far below this.
+MAX_DEPTH = 200
 
 
 class Passthrough(Exception):
@@ -41,7 +44,10 @@ def parse(decoded: bytes | bytearray) -> HookCall:
         raise Passthrough(f"not JSON orjson can round-trip: {exc}") from None
     if not isinstance(call, dict):
         raise Passthrough("HookCallData is not an object")
-    if _has_wide_number(call):
+    depth, wide = _shape(call)
+    if depth > MAX_DEPTH:
+        raise Passthrough(f"nested {depth} levels deep; orjson writes back at most {MAX_DEPTH}")
+    if wide:
         raise Passthrough("an integer wider than 64 bits would not survive a rewrite")
     body = call.get("request_body")
     if not isinstance(body, dict):
@@ -61,19 +67,20 @@ def parse(decoded: bytes | bytearray) -> HookCall:
     )
 
 
-def _has_wide_number(value: Any) -> bool:
-    # Iterative: the structure may be nested as deep as orjson allows.
-    stack = [value]
+def _shape(value: Any) -> tuple[int, bool]:
+    """How deep the document nests, and whether it holds a number too wide to write back."""
+    deepest = 0
+    # Iterative: the structure may be nested as deep as orjson reads (1024 levels).
+    stack = [(value, 1)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         kind = type(item)
-        if kind is dict:
-            stack.extend(item.values())
-        elif kind is list:
-            stack.extend(item)
+        if kind is dict or kind is list:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if kind is dict else item))
         elif kind is float and not -WIDE < item < WIDE:
-            return True
-    return False
+            return deepest, True
+    return deepest, False
 
 
 def _text(value: Any) -> str:

@@ -256,24 +256,25 @@ async def test_sigkill_of_a_busy_worker(tmp_path: Path, request: pytest.FixtureR
             again = await send(watch.session, server.url, small_call(session_for_slot(0, "again"), "again"))
             text = await watch.metrics()
 
-    assert (hit.status, hit.action) == (200, "allow")
-    assert hit.finished - killed_at <= MARGIN_S, "the killed worker's request waited past the kill"
-    assert outside(others, QUEUE_TIMEOUT_S + MARGIN_S) == []
-    assert before[1] in after and victim not in after
-    assert (again.status, again.action) == (200, "modify")
     restarts = report.metric(text, "hookd_worker_restarts_total")
     errors = report.metric(text, "hookd_outcomes_total", outcome="allow(error)")
-    assert (restarts, errors) == (1, 1)
+    # The killed worker's own request is answered as soon as the pool sees the worker die.
+    late = outside(others, QUEUE_TIMEOUT_S + MARGIN_S) + outside([hit], killed_at - hit.started + MARGIN_S)
     report.record(
         request,
         requests_sent=len(others) + 2,
         faults_injected=1,
-        answers_outside_contract=0,
+        answers_outside_contract=len(late + outside([again], QUEUE_TIMEOUT_S + MARGIN_S)),
         recovery_s=round(recovery_s, 2),
         killed_request_answered_after_kill_s=round(hit.finished - killed_at, 3),
         worker_restarts=restarts,
         allow_error=errors,
     )
+    assert (hit.status, hit.action) == (200, "allow")
+    assert late == []
+    assert before[1] in after and victim not in after
+    assert (again.status, again.action) == (200, "modify")
+    assert (restarts, errors) == (1, 1)
 
 
 @pytest.mark.slow
@@ -303,21 +304,15 @@ async def test_sigstop_hangs_a_busy_worker_past_max_compress(tmp_path: Path, req
             again = await send(watch.session, server.url, small_call(session, "again"))
             text = await watch.metrics()
 
-    assert (hit.status, hit.action) == (200, "allow")
-    # Cut off by --max-compress, counted from when the worker took the request.
-    assert hit.seconds <= MAX_COMPRESS_S + MARGIN_S + 0.5
-    assert outside(during, QUEUE_TIMEOUT_S + MARGIN_S) == []
-    assert not alive(victim)
-    assert before[1] in after and victim not in after
-    assert (again.status, again.action) == (200, "modify")
     restarts = report.metric(text, "hookd_worker_restarts_total")
     errors = report.metric(text, "hookd_outcomes_total", outcome="allow(error)")
-    assert (restarts, errors) == (1, 1)
+    # The hung request is cut off by --max-compress (the worker took it at once).
+    late = outside(during, QUEUE_TIMEOUT_S + MARGIN_S) + outside([hit], MAX_COMPRESS_S + MARGIN_S)
     report.record(
         request,
         requests_sent=len(during) + 2,
         faults_injected=1,
-        answers_outside_contract=0,
+        answers_outside_contract=len(late + outside([again], QUEUE_TIMEOUT_S + MARGIN_S)),
         max_compress_s=MAX_COMPRESS_S,
         hung_request_answered_s=round(hit.seconds, 3),
         during_hang_latency=report.latency_ms([s.seconds for s in during]),
@@ -325,6 +320,12 @@ async def test_sigstop_hangs_a_busy_worker_past_max_compress(tmp_path: Path, req
         worker_restarts=restarts,
         allow_error=errors,
     )
+    assert (hit.status, hit.action) == (200, "allow")
+    assert late == []
+    assert not alive(victim)
+    assert before[1] in after and victim not in after
+    assert (again.status, again.action) == (200, "modify")
+    assert (restarts, errors) == (1, 1)
 
 
 @pytest.mark.slow
@@ -347,30 +348,25 @@ async def test_workers_killed_during_warmup(tmp_path: Path, request: pytest.Fixt
             again = await send(watch.session, server.url, small_call("after-warmup", "again"))
             text = await watch.metrics()
 
-    assert status_before_kill == 503, "the workers were warm before they were killed"
-    assert outside(sent, QUEUE_TIMEOUT_S + MARGIN_S) == []
     overloads = report.metric(text, "hookd_outcomes_total", outcome="allow(overload)")
-    assert overloads == sum(s.action == "allow" for s in sent) >= 1
-    assert len(set(after)) == POOL_SIZE
-    assert (again.status, again.action) == (200, "modify")
+    late = outside(sent, QUEUE_TIMEOUT_S + MARGIN_S)
     report.record(
         request,
         requests_sent=len(sent) + 1,
         faults_injected=len(first),
-        answers_outside_contract=0,
+        answers_outside_contract=len(late + outside([again], QUEUE_TIMEOUT_S + MARGIN_S)),
         latency_without_workers=report.latency_ms([s.seconds for s in sent]),
         allow_overload=overloads,
         recovery_s=round(recovery_s, 2),
         worker_restarts=report.metric(text, "hookd_worker_restarts_total"),
     )
+    assert status_before_kill == 503, "the workers were warm before they were killed"
+    assert late == []
+    assert overloads == sum(s.action == "allow" for s in sent) >= 1
+    assert len(set(after)) == POOL_SIZE
+    assert (again.status, again.action) == (200, "modify")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hookd_worker_restarts_total counts only workers that were warm: a worker that dies "
-    "during warm-up is respawned (with back-off) but never counted, so a crash loop at start-up "
-    "is invisible in /metrics",
-)
 async def test_a_worker_lost_during_warmup_counts_as_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     marks = tmp_path / "marks"
     monkeypatch.setenv("HOOKD_TEST_MARKS", str(marks))
@@ -429,19 +425,13 @@ async def test_repeated_crashes_of_one_slot_are_backed_off(tmp_path: Path, reque
 
     times = [at for at, _ in spawned]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    # Back-off doubles from 0.5 s: 4 or 5 respawns fit in 8 s. Without it, a respawn would
-    # follow every kill within a few tens of milliseconds: hundreds in the window.
-    assert 2 <= len(spawned) <= 6, spawned
-    assert all(later >= earlier - 0.25 for earlier, later in itertools.pairwise(gaps)), gaps
-    assert outside(sent, QUEUE_TIMEOUT_S + MARGIN_S) == []
-    assert survivor in after and not set(after) & killed
     restarts = report.metric(text, "hookd_worker_restarts_total")
-    assert restarts >= 1
+    late = outside(sent, QUEUE_TIMEOUT_S + MARGIN_S)
     report.record(
         request,
         requests_sent=len(sent),
         faults_injected=len(killed),
-        answers_outside_contract=0,
+        answers_outside_contract=len(late),
         kill_window_s=kill_window_s,
         respawns_in_window=len(spawned),
         respawn_gaps_s=[round(g, 2) for g in gaps],
@@ -449,6 +439,13 @@ async def test_repeated_crashes_of_one_slot_are_backed_off(tmp_path: Path, reque
         recovery_after_last_kill_s=round(recovery_s, 2),
         worker_restarts=restarts,
     )
+    # Back-off doubles from 0.5 s: 4 or 5 respawns fit in 8 s. Without it, a respawn would
+    # follow every kill within a few tens of milliseconds: hundreds in the window.
+    assert 2 <= len(spawned) <= 6, spawned
+    assert all(later >= earlier - 0.25 for earlier, later in itertools.pairwise(gaps)), gaps
+    assert late == []
+    assert survivor in after and not set(after) & killed
+    assert restarts >= 1
 
 
 @pytest.mark.slow
@@ -469,24 +466,25 @@ async def test_all_workers_killed_at_once(tmp_path: Path, request: pytest.Fixtur
             again = await send(watch.session, server.url, small_call("after-all-dead", "again"))
             text = await watch.metrics()
 
-    assert outside(sent, QUEUE_TIMEOUT_S + MARGIN_S) == []
-    assert len(set(after)) == POOL_SIZE
-    assert (again.status, again.action) == (200, "modify")
-    # A request may still reach a worker the pool has not yet seen die (allow(error)); the rest
-    # find no worker at all (allow(overload)).
     errors = report.metric(text, "hookd_outcomes_total", outcome="allow(error)")
     overloads = report.metric(text, "hookd_outcomes_total", outcome="allow(overload)")
-    assert errors + overloads == sum(s.action == "allow" for s in sent) == len(sent)
     restarts = report.metric(text, "hookd_worker_restarts_total")
-    assert restarts == POOL_SIZE
+    late = outside(sent, QUEUE_TIMEOUT_S + MARGIN_S)
     report.record(
         request,
         requests_sent=len(sent) + 1,
         faults_injected=POOL_SIZE,
-        answers_outside_contract=0,
+        answers_outside_contract=len(late + outside([again], QUEUE_TIMEOUT_S + MARGIN_S)),
         latency_without_workers=report.latency_ms([s.seconds for s in sent]),
         allow_error=errors,
         allow_overload=overloads,
         recovery_s=round(recovery_s, 2),
         worker_restarts=restarts,
     )
+    assert late == []
+    assert len(set(after)) == POOL_SIZE
+    assert (again.status, again.action) == (200, "modify")
+    # A request may still reach a worker the pool has not yet seen die (allow(error)); the rest
+    # find no worker at all (allow(overload)).
+    assert errors + overloads == sum(s.action == "allow" for s in sent) == len(sent)
+    assert restarts == POOL_SIZE

