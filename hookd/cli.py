@@ -163,6 +163,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "(default %(default)s, well under Aperture's 5 s hook timeout)",
     )
     parser.add_argument(
+        "--queue-per-worker",
+        type=positive_int,
+        default=env_value(env, "QUEUE_PER_WORKER", positive_int, 8),
+        metavar="N",
+        help="requests that may wait for a worker at once, per worker; more are answered "
+        "allow(overload) at once (default %(default)s)",
+    )
+    parser.add_argument(
         "--read-timeout",
         type=positive_float,
         default=env_value(env, "READ_TIMEOUT", positive_float, 30.0),
@@ -251,6 +259,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         compress_response=not args.no_compress_response,
         affinity_wait=args.affinity_wait,
         queue_timeout=args.queue_timeout,
+        queue_per_worker=args.queue_per_worker,
         read_timeout=args.read_timeout,
         drain_timeout=args.drain_timeout,
         worker_max_rss_mb=args.worker_max_rss,

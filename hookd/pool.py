@@ -80,6 +80,7 @@ class WorkerPool:
         self._supervisors: list[asyncio.Task[None]] = []
         self._calls: set[asyncio.Task[Result]] = set()
         self._stopping = False
+        self._waiting = 0
         metrics.pool_size.set(settings.pool_size)
         metrics.pool_busy.set_function(lambda: sum(w.state == BUSY for w in self.workers))
         metrics.pool_live.set_function(lambda: sum(w.state in (IDLE, BUSY) for w in self.workers))
@@ -217,8 +218,21 @@ class WorkerPool:
 
     async def _acquire(self, key: bytes, affinity_wait: float) -> tuple[Worker, str]:
         loop = asyncio.get_running_loop()
+        if self._waiting >= self.settings.queue_per_worker * len(self.workers):
+            self.metrics.overloads.inc()
+            raise Overloaded(f"{self._waiting} requests already waiting for a worker")
         deadline = loop.time() + self.settings.queue_timeout
         home = self.workers[slot_for(key, len(self.workers))] if self.settings.affinity else None
+        self._waiting += 1
+        try:
+            return await self._wait_for_worker(home, key, affinity_wait, deadline)
+        finally:
+            self._waiting -= 1
+
+    async def _wait_for_worker(
+        self, home: Worker | None, key: bytes, affinity_wait: float, deadline: float
+    ) -> tuple[Worker, str]:
+        loop = asyncio.get_running_loop()
         async with self._cond:
             if home is not None and home.state == BUSY:
                 # Its own worker is usually free again within a warm turn; another one would

@@ -45,6 +45,9 @@ class Settings:
     # How long a request may wait for any worker before it is answered `allow(overload)`: well
     # under Aperture's default 5 s hook timeout, so the user never pays that timeout.
     queue_timeout: float = 2.0
+    # Requests allowed to wait for a worker at once, per worker; past it, `allow(overload)` at
+    # once. Each waiter holds its decoded body, so this bounds memory under a flood.
+    queue_per_worker: int = 8
     # A client that has not sent its whole body by then gets `allow(read-error)`.
     read_timeout: float = 30.0
     max_wire_bytes: int = MAX_WIRE_BYTES

@@ -195,3 +195,18 @@ async def test_worker_past_the_memory_limit_is_replaced_between_requests(make_po
     assert len(set(pids(pool)) - set(before)) == 1
     assert pool.metrics.worker_recycles._value.get() == 1
     assert (await pool.compress(job())).tokens_after == 10
+
+
+async def test_a_full_queue_answers_overload_at_once(make_pool: MakePool) -> None:
+    settings = Settings(**{**FAST.__dict__, "queue_per_worker": 1, "queue_timeout": 2.0})
+    pool = await make_pool(settings)
+    assert await pool.wait_ready(20)
+    busy = [asyncio.create_task(pool.compress(job("slow:1", key_for_slot(s)))) for s in (0, 1)]
+    await asyncio.sleep(0.1)
+    waiting = [asyncio.create_task(pool.compress(job("ok", f"w{i}"))) for i in range(2)]
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    with pytest.raises(Overloaded, match="already waiting"):
+        await pool.compress(job())
+    assert time.monotonic() - started < 0.1
+    await asyncio.gather(*busy, *waiting)
