@@ -269,6 +269,7 @@ class Hook:
         except Draining:
             return Answer("allow(shutdown)")
         rec.worker_ms, rec.slot, rec.cold = result.worker_ms, result.slot, result.cold
+        self.metrics.markers_removed.inc(result.markers_removed)
         rec.model_limit, rec.placement, rec.wait_ms = result.model_limit, result.placement, result.wait_ms
         if result.tokens_before <= 0:
             # headroom swallows its own errors and reports zero tokens for them.

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -112,3 +114,19 @@ def hook_call(
         "metadata": {"provider": provider, "model": model, "session_id": session_id, "request_id": "req-1"},
         "request_body": body,
     }
+
+
+def big_json_conversation(nonce: str) -> list[dict[str, Any]]:
+    """~1.4 MB of distinct JSON tool output: about a second of work for a worker, so it is
+    visibly busy when a test's fault hits. The nonce makes every conversation new to hookd."""
+    messages: list[dict[str, Any]] = [{"role": "user", "content": f"list every file ({nonce})"}]
+    for i in range(8):
+        tool_id = f"toolu_big_{i}"
+        rows = [{"id": f"{nonce}-{i}-{k}", "path": f"/src/a{k % 50}.py", "size": k * 13 % 997} for k in range(3000)]
+        messages.append(
+            {"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": "Ls", "input": {}}]}
+        )
+        result = {"type": "tool_result", "tool_use_id": tool_id, "content": orjson.dumps(rows).decode()}
+        messages.append({"role": "user", "content": [result]})
+    messages += [{"role": "assistant", "content": "done"}, {"role": "user", "content": "summarise"}]
+    return messages

@@ -30,7 +30,7 @@ from hookd.affinity import session_key, slot_for
 from hookd.metrics import Metrics
 from hookd.pool import BACKOFF_FIRST_S, STABLE_AFTER_S, WorkerPool
 from hookd.settings import Settings
-from tests import client, fake_workers, report
+from tests import client, fake_workers, fixtures, report
 from tests.hookd_process import Hookd
 
 POOL_SIZE = 2
@@ -55,23 +55,7 @@ def session_for_slot(slot: int, prefix: str) -> str:
 
 
 def big_call(session_id: str, nonce: str) -> bytes:
-    """~1.4 MB of distinct JSON tool output: about a second of work for a worker, so it is
-    visibly busy when the fault hits. The nonce makes every conversation new to hookd."""
-    messages: list[dict[str, Any]] = [{"role": "user", "content": f"list every file ({nonce})"}]
-    for i in range(8):
-        tool_id = f"toolu_big_{i}"
-        rows = [{"id": f"{nonce}-{i}-{k}", "path": f"/src/a{k % 50}.py", "size": k * 13 % 997} for k in range(3000)]
-        messages.append(
-            {"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": "Ls", "input": {}}]}
-        )
-        messages.append(
-            {
-                "role": "user",
-                "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": orjson.dumps(rows).decode()}],
-            }
-        )
-    messages += [{"role": "assistant", "content": "done"}, {"role": "user", "content": "summarise"}]
-    return orjson.dumps(_call(messages, session_id))
+    return orjson.dumps(_call(fixtures.big_json_conversation(nonce), session_id))
 
 
 def small_call(session_id: str, nonce: str) -> bytes:

@@ -128,31 +128,11 @@ async def test_gigabyte_bombs_are_too_large_in_bounded_memory(bomb_server: Hookd
     assert peak_rss_mb(bomb_server.proc.pid) - before < 100
 
 
-def _big_conversation(nonce: str) -> list[dict[str, Any]]:
-    """~2.4 MB of distinct JSON tool output: a worker spends well over a second on it."""
-    messages: list[dict[str, Any]] = [{"role": "user", "content": "list every file"}]
-    for i in range(8):
-        tool_id = f"toolu_big_{i}"
-        rows = [{"id": f"{nonce}-{i}-{k}", "path": f"/src/a{k % 50}.py", "size": k * 13 % 997} for k in range(3000)]
-        messages.append(
-            {"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": "Ls", "input": {}}]}
-        )
-        messages.append(
-            {
-                "role": "user",
-                "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": orjson.dumps(rows).decode()}],
-            }
-        )
-    messages.append({"role": "assistant", "content": "done"})
-    messages.append({"role": "user", "content": "summarise"})
-    return messages
-
-
 @pytest.mark.slow
 async def test_sigkill_of_the_busy_worker_answers_allow_and_the_pool_recovers(tmp_path: Path) -> None:
     with Hookd(state_dir=tmp_path, pool_size=2) as server:
         session = "kill-me"
-        call = fixtures.hook_call(_big_conversation("first"), session_id=session)
+        call = fixtures.hook_call(fixtures.big_json_conversation("first"), session_id=session)
         slot = slot_for(session_key(session, call["request_body"]["messages"]), 2)
         victim = server.worker_pids()[slot]
         pending = asyncio.create_task(post(server, call))
@@ -164,7 +144,7 @@ async def test_sigkill_of_the_busy_worker_answers_allow_and_the_pool_recovers(tm
         server.wait_ready(60)
         after = server.worker_pids()
         assert len(after) == 2 and victim not in after
-        again = fixtures.hook_call(_big_conversation("second"), session_id=session)
+        again = fixtures.hook_call(fixtures.big_json_conversation("second"), session_id=session)
         status, _, answer = await post(server, again)
         assert (status, answer["action"]) == (200, "modify")
 
