@@ -96,6 +96,8 @@ class Hook:
         self.metrics = metrics
         self.store = store
         self.sticky = sticky.Store(settings.sticky_max_mb * MIB, settings.sticky_ttl)
+        metrics.sticky_bytes.set_function(lambda: self.sticky.bytes)
+        metrics.sticky_conversations.set_function(lambda: len(self.sticky))
         # Set when a shutdown's drain time is up: calls still running are answered allow.
         self.drain_expired = asyncio.Event()
 

@@ -118,6 +118,12 @@ class Metrics:
             "hookd_cold_starts", "Requests served by a worker that had not seen their session", registry=r
         )
         self.overloads = Counter("hookd_overloads", "Requests answered allow because no worker came free", registry=r)
+        self.sticky_bytes = Gauge(
+            "hookd_sticky_bytes", "Memory held for what conversations were sent (sticky mode)", registry=r
+        )
+        self.sticky_conversations = Gauge(
+            "hookd_sticky_conversations", "Conversations remembered in sticky mode", registry=r
+        )
         self.markers_removed = Counter(
             "hookd_retrieval_markers_removed", "Retrieval markers kept out of answers", registry=r
         )
