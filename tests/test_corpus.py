@@ -23,8 +23,8 @@ import pytest
 from hookd import validate
 from tests import client
 from tests.corpus import REPO
+from tests.disk import files_containing
 from tests.hookd_process import Hookd
-from tests.test_integration import files_containing
 
 pytestmark = pytest.mark.corpus
 FIELD = re.compile(r"(\w+)=(\S+)")

@@ -21,6 +21,7 @@ import zstandard
 from hookd import validate
 from hookd.affinity import session_key, slot_for
 from tests import client, fixtures
+from tests.disk import files_containing
 from tests.hookd_process import Hookd
 
 GIB = 1024**3
@@ -147,22 +148,6 @@ async def test_sigkill_of_the_busy_worker_answers_allow_and_the_pool_recovers(tm
         again = fixtures.hook_call(fixtures.big_json_conversation("second"), session_id=session)
         status, _, answer = await post(server, again)
         assert (status, answer["action"]) == (200, "modify")
-
-
-def files_containing(roots: list[Path], needle: bytes, since: float) -> list[Path]:
-    found = []
-    for root in roots:
-        for dirpath, _, names in os.walk(root, onerror=lambda _: None):
-            for name in names:
-                path = Path(dirpath, name)
-                try:
-                    if path.is_symlink() or not path.is_file() or path.stat().st_mtime < since:
-                        continue
-                    if needle in path.read_bytes():
-                        found.append(path)
-                except OSError:
-                    continue
-    return found
 
 
 def _plant(call: dict[str, Any], secret: str) -> dict[str, Any]:

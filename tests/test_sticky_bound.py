@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from tests import client
+from tests.disk import files_containing
 from tests.hookd_process import Hookd
-from tests.test_integration import files_containing
 
 pytestmark = pytest.mark.slow
 SESSIONS = 1000
