@@ -91,10 +91,23 @@ class Admin:
         return {
             **self.store.values,
             "headroom_version": warm[0]["headroom_version"] if warm else None,
-            "ml_text_compression": bool(warm) and all(w.get("ml_text_compression") for w in warm),
+            **ml_summary(warm),
             "savings_profiles": self._profiles(),
             "workers": workers,
         }
+
+
+def ml_summary(warm: list[dict[str, Any]]) -> dict[str, Any]:
+    """Text compression is on only when every warm worker has it: half-on would make the same
+    text compress or not depending on the worker it lands on."""
+    active = bool(warm) and all(w.get("ml_text_compression") for w in warm)
+    summary: dict[str, Any] = {"ml_text_compression": active}
+    reasons = sorted({w["ml_reason"] for w in warm if w.get("ml_reason")})
+    if reasons:
+        summary["ml_reason"] = "; ".join(reasons)
+    if active:
+        summary["ml_provider"] = warm[0].get("ml_provider")
+    return summary
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -11,6 +11,7 @@ from typing import Any
 
 from hookd.auth import TokenFileError, is_loopback_host, read_token
 from hookd.settings import Settings, default_pool_size
+from worker.ml import MODES as ML_MODES
 
 ENV_PREFIX = "HOOKD_"
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -60,6 +61,12 @@ def non_negative_float(value: str) -> float:
     if not number >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return number
+
+
+def ml_mode(value: str) -> str:
+    if value not in ML_MODES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(ML_MODES)}, got {value!r}")
+    return value
 
 
 def env_flag(env: Mapping[str, str], name: str) -> bool:
@@ -208,6 +215,29 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "answered allow (default %(default)s); a second signal exits at once",
     )
     parser.add_argument(
+        "--ml",
+        choices=ML_MODES,
+        default=env_value(env, "ML", ml_mode, "auto"),
+        help="ML text compression (Kompress): auto turns it on when hookd[ml] is installed and the "
+        "model is in the cache, on refuses to start workers without it, off never loads it "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--ml-threads",
+        type=non_negative_int,
+        default=env_value(env, "ML_THREADS", non_negative_int, 0),
+        metavar="N",
+        help="ONNX Runtime threads per worker (default 0: CPUs divided by --pool-size, at least 1)",
+    )
+    parser.add_argument(
+        "--model-cache",
+        type=Path,
+        default=env_value(env, "MODEL_CACHE", Path, None),
+        metavar="DIR",
+        help="HuggingFace hub cache holding the Kompress model (default: huggingface_hub's, "
+        "$HF_HUB_CACHE or ~/.cache/huggingface/hub); fill it with `hookd models pull`",
+    )
+    parser.add_argument(
         "--token-file",
         type=Path,
         default=env_value(env, "TOKEN_FILE", Path, None),
@@ -262,6 +292,9 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         queue_per_worker=args.queue_per_worker,
         read_timeout=args.read_timeout,
         drain_timeout=args.drain_timeout,
+        ml=args.ml,
+        ml_threads=args.ml_threads,
+        model_cache=args.model_cache,
         worker_max_rss_mb=args.worker_max_rss,
         sticky_max_mb=args.sticky_max_mb,
         sticky_ttl=args.sticky_ttl,
@@ -271,7 +304,12 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_settings(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["models"]:
+        from hookd import models
+
+        return models.main(arguments[1:])
+    settings = parse_settings(arguments)
     from hookd.server import serve
 
     return serve(settings)

@@ -51,7 +51,7 @@ COMPRESS_KNOBS = (
     "kompress_model",
     "savings_profile",
 )
-READ_ONLY = ("headroom_version", "ml_text_compression", "savings_profiles", "workers")
+READ_ONLY = ("headroom_version", "ml_text_compression", "ml_reason", "ml_provider", "savings_profiles", "workers")
 
 
 class InvalidSettings(ValueError):

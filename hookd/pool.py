@@ -43,7 +43,17 @@ BACKOFF_MAX_S = 30.0
 SEEN_KEYS = 4096
 STOP_GRACE_S = 5.0
 # What a worker reports about itself when it is warm, shown by /readyz and /config.
-WORKER_FACTS = ("pid", "headroom_version", "warmup_ms", "savings_profiles", "ml_text_compression")
+WORKER_FACTS = (
+    "pid",
+    "headroom_version",
+    "warmup_ms",
+    "savings_profiles",
+    "ml_text_compression",
+    "ml_reason",
+    "ml_provider",
+    "ml_threads",
+    "ml_load_ms",
+)
 
 
 class WorkerFailed(CompressorError):
@@ -150,7 +160,11 @@ class WorkerPool:
         worker.state = STARTING
         worker.seen.clear()
         ours, theirs = socket.socketpair()
-        process = SPAWN.Process(target=self.target, args=(theirs, worker.slot), name=f"hookd-worker-{worker.slot}")
+        process = SPAWN.Process(
+            target=self.target,
+            args=(theirs, worker.slot, self.settings.worker_options()),
+            name=f"hookd-worker-{worker.slot}",
+        )
         try:
             # Process.start() forks and pickles; keep that off the event loop.
             await asyncio.to_thread(process.start)

@@ -13,10 +13,11 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 from aiohttp import web
 
-from hookd.admin import Admin
+from hookd.admin import Admin, ml_summary
 from hookd.compressor import Compressor
 from hookd.config import Store
 from hookd.hook import Hook
@@ -104,12 +105,19 @@ async def _announce_ready(pool: Compressor, notifier: Notifier, settings: Settin
     the loop stalls, the keep-alives stop and systemd restarts us."""
     while not await pool.wait_ready(settings.warmup_timeout):
         log.warning("workers are not all warm after %.0f s; still waiting", settings.warmup_timeout)
-    log.info("all %d workers warm", settings.pool_size)
+    log.info("all %d workers warm; %s", settings.pool_size, ml_line(ml_summary(pool.worker_info())))
     notifier.send("READY=1", f"STATUS=serving with {settings.pool_size} warm workers")
     interval = notifier.watchdog_interval()
     while interval:
         notifier.send("WATCHDOG=1")
         await asyncio.sleep(interval)
+
+
+def ml_line(summary: dict[str, Any]) -> str:
+    if summary["ml_text_compression"]:
+        note = f"; {summary['ml_reason']}" if "ml_reason" in summary else ""
+        return f"text compression on (Kompress, {summary['ml_provider']}){note}"
+    return f"text compression off: {summary.get('ml_reason', 'no worker reported it')}"
 
 
 async def _drain(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MIB = 1024 * 1024
 
@@ -64,6 +65,27 @@ class Settings:
     worker_max_rss_mb: int = 1536
     # On SIGTERM, requests in flight get this long to finish; then they are answered `allow`.
     drain_timeout: float = 20.0
+    # ML text compression (Kompress): auto (on when installed and the model is cached), on (a
+    # worker without it fails to start), off.
+    ml: str = "auto"
+    # ONNX Runtime threads per worker; 0 shares the CPUs out among the workers.
+    ml_threads: int = 0
+    # The HuggingFace hub cache holding the model (None: huggingface_hub's own default).
+    model_cache: Path | None = None
     # Tokens, read from files at start-up; kept out of repr so they never reach a log.
     hook_token: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
+
+    @property
+    def onnx_threads(self) -> int:
+        """Threads per worker such that pool size x threads does not oversubscribe the CPUs:
+        ONNX Runtime otherwise starts one per core in every worker."""
+        return self.ml_threads or max(1, default_pool_size() // self.pool_size)
+
+    def worker_options(self) -> dict[str, Any]:
+        """What a worker process is started with (see `worker.main.run`)."""
+        return {
+            "ml": self.ml,
+            "ml_threads": self.onnx_threads,
+            "model_cache": str(self.model_cache) if self.model_cache else None,
+        }

@@ -15,7 +15,7 @@ from typing import Any
 from worker import frames
 
 
-def run(sock: socket.socket, slot: int) -> None:
+def run(sock: socket.socket, slot: int, options: dict[str, Any] | None = None) -> None:
     frames.send(sock, {"ready": True, "pid": os.getpid(), "headroom_version": "fake", "warmup_ms": 0})
     while (request := frames.receive(sock)) is not None:
         behave(sock, request)
@@ -49,7 +49,7 @@ def behave(sock: socket.socket, request: dict[str, Any]) -> None:
     frames.send(sock, reply)
 
 
-def fail_warmup(sock: socket.socket, slot: int) -> None:
+def fail_warmup(sock: socket.socket, slot: int, options: dict[str, Any] | None = None) -> None:
     """A worker that dies while warming up, and leaves a mark each time it is started."""
     marks = Path(os.environ["HOOKD_TEST_MARKS"])
     with marks.open("a") as out:

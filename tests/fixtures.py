@@ -6,8 +6,10 @@ real-looking tool output (pip's package list as JSON, git's log, grep hits, a lo
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,30 @@ def build_log() -> str:
         _run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", str(REPO)])[:20000]
         + (_run([sys.executable, "-m", "pip", "show", "-f", "aiohttp"])[:40000])
     )
+
+
+def prose() -> str:
+    """Real English prose: the licence text CPython installs beside its standard library, or,
+    where a distribution left it out, the standard library's own module documentation."""
+    licence = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if licence.is_file():
+        return licence.read_text()[:12000]
+    return "\n\n".join(inspect.getdoc(module) or "" for module in (subprocess, inspect, sysconfig))[:12000]
+
+
+def prose_call(session_id: str) -> dict[str, Any]:
+    """An Anthropic-shaped call whose last tool result is prose, printed by a shell command."""
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": "What does the licence of this Python allow?"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": "toolu_prose", "name": "Bash", "input": {"command": "cat LICENSE.txt"}}
+            ],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_prose", "content": prose()}]},
+    ]
+    return hook_call(messages, "anthropic", session_id=session_id)
 
 
 TOOL_OUTPUTS = {"pip_list": pip_list_json, "grep": grep_hits, "git_log": git_log, "pip_show": build_log}

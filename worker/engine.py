@@ -50,9 +50,10 @@ STALE_POINTER_TEXT = b"Retrieve original: hash="
 STALE_READ_POINTER = re.compile(r"(\[Read content (?:stale|superseded): [^\]]*?) Retrieve original: hash=[0-9a-f]+\]")
 
 
-def install_marker_free_pipeline() -> None:
-    """headroom's default pipeline with retrieval markers, the CCR store and stale-Read
-    replacement off; `compress()` offers no knob for these, so the pipeline is built here."""
+def install_marker_free_pipeline(kompress: bool = False) -> None:
+    """headroom's default pipeline with retrieval markers and the CCR store off, and Kompress
+    only when `worker.ml` has already loaded it; `compress()` offers no knob for these, so the
+    pipeline is built here."""
     pipeline = TransformPipeline()
     for index, transform in enumerate(pipeline.transforms):
         if isinstance(transform, ContentRouter):
@@ -60,9 +61,9 @@ def install_marker_free_pipeline() -> None:
                 transform.config,
                 ccr_inject_marker=False,
                 ccr_enabled=False,
-                # No ML text model is installed with the base package; loading would only try
-                # (and fail) to download one.
-                enable_kompress=False,
+                # Off unless loaded: headroom would otherwise load it on a background thread and
+                # pass text through (remembered as "skip") until it is ready.
+                enable_kompress=kompress,
             )
             # observer=None: headroom's default observer stages usage beacons for the network.
             pipeline.transforms[index] = ContentRouter(config, observer=None)
@@ -113,13 +114,26 @@ def resident_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
 
+def _kompressed(result: Any) -> bool:
+    # The router names text it sent through Kompress "router:text:<ratio>" (OpenAI tool messages)
+    # or "router:tool_result:text" (Anthropic tool_result blocks); without Kompress, text is left
+    # alone and named neither way.
+    applied = any(
+        name.startswith("router:text:") or name == "router:tool_result:text" for name in result.transforms_applied
+    )
+    return applied and result.tokens_after < result.tokens_before
+
+
 def has_marker(text: bytes) -> bool:
     return any(marker in text for marker in RETRIEVAL_MARKERS)
 
 
 class Engine:
-    def __init__(self) -> None:
-        install_marker_free_pipeline()
+    def __init__(self, ml_facts: dict[str, Any] | None = None) -> None:
+        """`ml_facts` come from `worker.ml.load`, which must run before headroom is first used."""
+        self.ml_facts = ml_facts or {"ml_text_compression": False, "ml_reason": "not loaded"}
+        self.kompress = bool(self.ml_facts["ml_text_compression"])
+        install_marker_free_pipeline(self.kompress)
         self.version = headroom.__version__
         self._counting: dict[str, str] = {}
         self._limits: dict[str, int] = {}
@@ -128,19 +142,18 @@ class Engine:
         """What this worker can do, for GET /config (and to check savings_profile against)."""
         from headroom.agent_savings import _PROFILES
 
-        return {
-            "headroom_version": self.version,
-            "savings_profiles": sorted(_PROFILES),
-            # The base install carries no ML text model; Kompress stays off rather than half-on.
-            "ml_text_compression": False,
-        }
+        return {"headroom_version": self.version, "savings_profiles": sorted(_PROFILES), **self.ml_facts}
 
     def warm(self) -> float:
+        """Compress one sample of each kind; with Kompress loaded, the prose sample must come
+        back compressed by it, or the worker is not ready (never half-on)."""
         started = time.perf_counter()
-        for conversation in samples.conversations():
+        for kind, conversation in samples.conversations().items():
             result = headroom.compress(conversation, model=OFFLINE_COUNTING_MODEL, protect_recent=0)
             if result.tokens_before <= 0:
                 raise RuntimeError("warm-up compression failed; see headroom's log above")
+            if kind == "text" and self.kompress and not _kompressed(result):
+                raise RuntimeError(f"Kompress is loaded but left the warm-up text alone: {result.transforms_applied}")
         return (time.perf_counter() - started) * 1000
 
     def compress(self, messages: list[Any], model: str, knobs: dict[str, Any], frozen: int = 0) -> dict[str, Any]:

@@ -19,17 +19,23 @@ from typing import Any
 from worker import frames, offline
 
 
-def run(sock: socket.socket, slot: int) -> None:
+def run(sock: socket.socket, slot: int, options: dict[str, Any] | None = None) -> None:
+    """`options`: "ml" (auto, on, off), "ml_threads", "model_cache" (an HF hub cache directory)."""
+    options = options or {}
     # stdout belongs to the front end's -v lines; anything headroom prints goes to stderr.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     # Ctrl-C reaches the whole process group; the front end decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format=f"hookd worker {slot}: %(name)s: %(message)s")
-    offline.prepare()
+    offline.prepare(model_cache=options.get("model_cache"))
     try:
+        # Kompress first: its imports must happen in this thread before headroom starts any.
+        from worker import ml
+
+        ml_facts = ml.load(ml.Options(options.get("ml", "auto"), int(options.get("ml_threads", 1))))
         from worker.engine import Engine
 
-        engine = Engine()
+        engine = Engine(ml_facts)
         warmup_ms = engine.warm()
     except Exception as exc:
         traceback.print_exc()

@@ -7,9 +7,11 @@ network) or a way the first request could stall on a download that can never suc
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sysconfig
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from importlib import metadata
 from pathlib import Path
 
 # Variables that would send content elsewhere (a remote Kompress endpoint, a CCR backend, a
@@ -31,7 +33,31 @@ def litellm_tiktoken_dir() -> Path:
     return Path(sysconfig.get_paths()["purelib"]) / "litellm" / "litellm_core_utils" / "tokenizers"
 
 
-def prepare(env: MutableMapping[str, str] | None = None) -> None:
+def installed_version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def gpu_only_ort_library(version_of: Callable[[str], str | None] = installed_version) -> str | None:
+    """The ONNX Runtime library of an onnxruntime-gpu install, when that is the only ONNX Runtime.
+
+    headroom's Rust content detection finds ONNX Runtime by asking for the `onnxruntime`
+    distribution's version (>= 1.24); onnxruntime-gpu installs the same `onnxruntime` module
+    under another distribution name, so without ORT_DYLIB_PATH detection falls back to Python.
+    """
+    if version_of("onnxruntime") is not None or version_of("onnxruntime-gpu") is None:
+        return None
+    spec = importlib.util.find_spec("onnxruntime")  # finds the package without loading it
+    if spec is None or not spec.origin:
+        return None
+    libraries = sorted((Path(spec.origin).parent / "capi").glob("libonnxruntime.so*"))
+    return str(libraries[0]) if libraries else None
+
+
+def prepare(env: MutableMapping[str, str] | None = None, model_cache: str | None = None) -> None:
+    """`model_cache`: the HuggingFace hub cache holding the Kompress model (`--model-cache`)."""
     env = os.environ if env is None else env
     # No CCR store on disk: headroom would otherwise keep the original of every lossy block in
     # ~/.headroom/ccr_store.db, i.e. request content at rest.
@@ -45,3 +71,10 @@ def prepare(env: MutableMapping[str, str] | None = None) -> None:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TIKTOKEN_CACHE_DIR", str(litellm_tiktoken_dir()))
+    # transformers warns at import that PyTorch is missing; Kompress runs on ONNX Runtime and
+    # only uses its tokenizer, so the warning would only mislead an operator reading the log.
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if model_cache:
+        env["HF_HUB_CACHE"] = model_cache
+    if "ORT_DYLIB_PATH" not in env and (library := gpu_only_ort_library()):
+        env["ORT_DYLIB_PATH"] = library

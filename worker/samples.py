@@ -53,9 +53,9 @@ def _prose() -> str:
     return "".join(f"Paragraph {i}. {sentence * 3}\n\n" for i in range(25))
 
 
-def conversations() -> list[list[dict[str, Any]]]:
+def conversations() -> dict[str, list[dict[str, Any]]]:
     """One short Anthropic-shaped conversation per content type, ending in its tool result."""
-    out = []
+    out = {}
     for name, text in (
         ("json", _json_rows()),
         ("log", _log_lines()),
@@ -64,16 +64,14 @@ def conversations() -> list[list[dict[str, Any]]]:
         ("text", _prose()),
     ):
         tool_id = f"toolu_warmup_{name}"
-        out.append(
-            [
-                {"role": "user", "content": f"Show me the {name} output."},
-                {
-                    "role": "assistant",
-                    "content": [{"type": "tool_use", "id": tool_id, "name": "bash", "input": {"command": name}}],
-                },
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": text}]},
-                {"role": "assistant", "content": "Here is what it says."},
-                {"role": "user", "content": "Thanks, go on."},
-            ]
-        )
+        out[name] = [
+            {"role": "user", "content": f"Show me the {name} output."},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": tool_id, "name": "bash", "input": {"command": name}}],
+            },
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": text}]},
+            {"role": "assistant", "content": "Here is what it says."},
+            {"role": "user", "content": "Thanks, go on."},
+        ]
     return out
