@@ -31,6 +31,9 @@ FLAGS = [
     "--token-file",
     "--admin-token-file",
     "--allow-unauthenticated",
+    "--ml",
+    "--ml-threads",
+    "--model-cache",
 ]
 
 
@@ -71,6 +74,7 @@ def test_defaults() -> None:
     assert s.affinity_wait == 0.5
     assert s.queue_timeout == 2.0
     assert s.read_timeout == 30.0
+    assert (s.ml, s.ml_threads, s.model_cache) == ("auto", 0, None)
 
 
 def test_state_dir_follows_systemd_state_directory() -> None:
@@ -114,6 +118,10 @@ def test_process_environment_is_read_when_env_is_not_given(monkeypatch: pytest.M
         (["--worker-max-rss", "512"], "worker_max_rss_mb", 512),
         (["--sticky-max-mb", "64"], "sticky_max_mb", 64),
         (["--sticky-ttl", "300"], "sticky_ttl", 300.0),
+        (["--ml", "off"], "ml", "off"),
+        (["--ml", "on"], "ml", "on"),
+        (["--ml-threads", "3"], "ml_threads", 3),
+        (["--model-cache", "/opt/hookd/models"], "model_cache", Path("/opt/hookd/models")),
     ],
 )
 def test_each_flag_sets_its_setting(argv: list[str], field: str, expected: Any) -> None:
@@ -151,6 +159,9 @@ def test_ipv6_listen_address(listen: str, host: str, port: int) -> None:
         ({"HOOKD_AFFINITY_WAIT": "0.1"}, "affinity_wait", 0.1),
         ({"HOOKD_QUEUE_TIMEOUT": "3"}, "queue_timeout", 3.0),
         ({"HOOKD_READ_TIMEOUT": "10"}, "read_timeout", 10.0),
+        ({"HOOKD_ML": "off"}, "ml", "off"),
+        ({"HOOKD_ML_THREADS": "2"}, "ml_threads", 2),
+        ({"HOOKD_MODEL_CACHE": "/srv/models"}, "model_cache", Path("/srv/models")),
     ],
 )
 def test_each_environment_variable_sets_its_setting(env: dict[str, str], field: str, expected: Any) -> None:
@@ -208,6 +219,8 @@ def test_a_flag_beats_the_environment(argv: list[str], env: dict[str, str], fiel
         (["--read-timeout", "-30"], "greater than 0"),
         (["--read-timeout", "soon"], "--read-timeout"),
         (["--no-such-flag"], "--no-such-flag"),
+        (["--ml", "maybe"], "choose from 'auto', 'on', 'off'"),
+        (["--ml-threads", "-1"], "0 or more"),
     ],
 )
 def test_bad_flag_values_exit_with_a_clear_message(
@@ -228,6 +241,7 @@ def test_bad_flag_values_exit_with_a_clear_message(
         ({"HOOKD_READ_TIMEOUT": "-1"}, "HOOKD_READ_TIMEOUT"),
         ({"HOOKD_NO_AFFINITY": "maybe"}, "HOOKD_NO_AFFINITY"),
         ({"HOOKD_VERBOSE": "2"}, "HOOKD_VERBOSE"),
+        ({"HOOKD_ML": "sometimes"}, "HOOKD_ML"),
     ],
 )
 def test_bad_environment_values_exit_naming_the_variable(
