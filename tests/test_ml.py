@@ -247,3 +247,22 @@ def run_hookd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hookd", *args], capture_output=True, text=True, timeout=120, cwd=corpus.REPO
     )
+
+
+@pytest.mark.slow
+def test_bench_ml_quick_reports_memory_and_latency(tmp_path: Path) -> None:
+    from bench import ml as bench_ml
+
+    assert bench_ml.main(["--quick", "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert runs["off/1"]["facts"]["ml_text_compression"] is False
+    assert runs["on/1"]["facts"]["ml_text_compression"] is True
+    for run in runs.values():
+        assert run["rss_mb"] > 50
+        for size in run["sizes"].values():
+            assert size["median_ms"] > 0 and size["tokens"] > 0
+    # With the model, prose comes back shorter; without it, unchanged.
+    assert all(s["tokens_after"] < s["tokens"] for s in runs["on/1"]["sizes"].values())
+    assert all(s["tokens_after"] == s["tokens"] for s in runs["off/1"]["sizes"].values())
+    report = (tmp_path / "report.md").read_text()
+    assert "Model cost per worker" in report and "ML ms per 1,000 tokens" in report
