@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -134,6 +135,15 @@ def test_models_check_reports_the_stand_in_present(model_cache: Path) -> None:
     assert "text compression: will be active" in out.stdout
 
 
+def test_models_check_finds_the_model_under_hf_home(tmp_path: Path) -> None:
+    """Without --cache, the cache is huggingface_hub's own: $HF_HOME/hub here."""
+    standin_model.seed_cache(tmp_path / "hub")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HOOKD_MODEL_CACHE")}
+    out = run_hookd("models", "check", env={**env, "HF_HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"cache: {tmp_path / 'hub'}" in out.stdout
+
+
 def test_models_check_says_what_is_missing(tmp_path: Path) -> None:
     out = run_hookd("models", "check", "--cache", str(tmp_path))
     assert out.returncode == 1
@@ -243,9 +253,9 @@ def run_python(script: str) -> str:
     return result.stdout
 
 
-def run_hookd(*args: str) -> subprocess.CompletedProcess[str]:
+def run_hookd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hookd", *args], capture_output=True, text=True, timeout=120, cwd=corpus.REPO
+        [sys.executable, "-m", "hookd", *args], capture_output=True, text=True, timeout=120, cwd=corpus.REPO, env=env
     )
 
 
