@@ -230,6 +230,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="ONNX Runtime threads per worker (default 0: CPUs divided by --pool-size, at least 1)",
     )
     parser.add_argument(
+        "--ml-budget",
+        type=positive_float,
+        default=env_value(env, "ML_BUDGET", positive_float, 2.0),
+        metavar="SECONDS",
+        help="longest ML text compression per request; text left when it runs out is sent as it is "
+        "(default %(default)s, well inside Aperture's 5 s hook timeout)",
+    )
+    parser.add_argument(
         "--model-cache",
         type=Path,
         default=env_value(env, "MODEL_CACHE", Path, None),
@@ -294,6 +302,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         drain_timeout=args.drain_timeout,
         ml=args.ml,
         ml_threads=args.ml_threads,
+        ml_budget=args.ml_budget,
         model_cache=args.model_cache,
         worker_max_rss_mb=args.worker_max_rss,
         sticky_max_mb=args.sticky_max_mb,

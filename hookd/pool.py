@@ -52,6 +52,7 @@ WORKER_FACTS = (
     "ml_reason",
     "ml_provider",
     "ml_threads",
+    "ml_budget_s",
     "ml_load_ms",
 )
 

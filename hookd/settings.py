@@ -70,6 +70,9 @@ class Settings:
     ml: str = "auto"
     # ONNX Runtime threads per worker; 0 shares the CPUs out among the workers.
     ml_threads: int = 0
+    # Seconds of ML work one request may take; the text left then goes as it is. Aperture waits
+    # 5 s for a hook by default, and this leaves room for the rest of the work.
+    ml_budget: float = 2.0
     # The HuggingFace hub cache holding the model (None: huggingface_hub's own default).
     model_cache: Path | None = None
     # Tokens, read from files at start-up; kept out of repr so they never reach a log.
@@ -87,5 +90,6 @@ class Settings:
         return {
             "ml": self.ml,
             "ml_threads": self.onnx_threads,
+            "ml_budget": self.ml_budget,
             "model_cache": str(self.model_cache) if self.model_cache else None,
         }

@@ -33,6 +33,7 @@ FLAGS = [
     "--allow-unauthenticated",
     "--ml",
     "--ml-threads",
+    "--ml-budget",
     "--model-cache",
 ]
 
@@ -121,6 +122,7 @@ def test_process_environment_is_read_when_env_is_not_given(monkeypatch: pytest.M
         (["--ml", "off"], "ml", "off"),
         (["--ml", "on"], "ml", "on"),
         (["--ml-threads", "3"], "ml_threads", 3),
+        (["--ml-budget", "4.5"], "ml_budget", 4.5),
         (["--model-cache", "/opt/hookd/models"], "model_cache", Path("/opt/hookd/models")),
     ],
 )
@@ -221,6 +223,7 @@ def test_a_flag_beats_the_environment(argv: list[str], env: dict[str, str], fiel
         (["--no-such-flag"], "--no-such-flag"),
         (["--ml", "maybe"], "choose from 'auto', 'on', 'off'"),
         (["--ml-threads", "-1"], "0 or more"),
+        (["--ml-budget", "0"], "greater than 0"),
     ],
 )
 def test_bad_flag_values_exit_with_a_clear_message(

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
 REQUIRED_MODULES = ("numpy", "onnxruntime", "transformers", "huggingface_hub")
+ML_BUDGET_ENV = "HEADROOM_ML_STAGE_DEADLINE_SECONDS"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -41,6 +42,9 @@ class Options:
     mode: str = "auto"
     # ONNX Runtime intra-op threads for this worker's session.
     threads: int = 1
+    # Longest time one request may spend in Kompress; text left when it runs out is sent as it
+    # is (and stays so on later turns, which keeps the prompt cache).
+    budget: float = 2.0
 
 
 def choose_providers(available: Sequence[str]) -> list[str]:
@@ -73,7 +77,7 @@ def load(options: Options) -> dict[str, Any]:
     reason = why_not(options)
     if reason is None:
         try:
-            return _load(options.threads)
+            return _load(options.threads, options.budget)
         except Exception as exc:
             if options.mode == "on":
                 raise
@@ -84,7 +88,7 @@ def load(options: Options) -> dict[str, Any]:
     return {"ml_text_compression": False, "ml_reason": reason}
 
 
-def _load(threads: int) -> dict[str, Any]:
+def _load(threads: int, budget: float) -> dict[str, Any]:
     started = time.perf_counter()
     import numpy  # noqa: F401  (imported here, in the main thread, before headroom's threads can race on it)
     import onnxruntime
@@ -93,6 +97,9 @@ def _load(threads: int) -> dict[str, Any]:
 
     os.environ[kompress.KOMPRESS_ONNX_INTRA_THREADS_ENV] = str(threads)
     os.environ[kompress.KOMPRESS_ONNX_INTER_THREADS_ENV] = "1"
+    # headroom allows 15 s of ML per request by default, three times Aperture's default hook
+    # timeout: the answer would come after Aperture had given up on it.
+    os.environ[ML_BUDGET_ENV] = str(budget)
     providers = choose_providers(onnxruntime.get_available_providers())
     # headroom's own artifact resolution, session options and smoke run, with our providers.
     session = kompress._create_onnx_session(kompress.HF_MODEL_ID, providers, allow_download=False)
@@ -104,6 +111,7 @@ def _load(threads: int) -> dict[str, Any]:
         "ml_text_compression": True,
         "ml_provider": provider,
         "ml_threads": threads,
+        "ml_budget_s": budget,
         "ml_load_ms": round((time.perf_counter() - started) * 1000),
     }
     if CUDA in providers and provider != CUDA:

@@ -50,7 +50,8 @@ def _prose() -> str:
         "The service keeps a pool of warm worker processes so that each conversation returns to "
         "the process that already holds its compressed history, which keeps every turn fast. "
     )
-    return "".join(f"Paragraph {i}. {sentence * 3}\n\n" for i in range(25))
+    # One Kompress chunk (350 words): enough to prove the model runs, quick on any CPU.
+    return "".join(f"Paragraph {i}. {sentence * 3}\n\n" for i in range(2))
 
 
 def conversations() -> dict[str, list[dict[str, Any]]]:
