@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import hashlib
 import logging
@@ -42,6 +41,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from bench.floor import close_child
 from hookd.affinity import session_key, slot_for
 from hookd.settings import Settings
 from tests import client, corpus
@@ -292,14 +292,7 @@ class InProcess:
         return dict(self.conn.recv())
 
     def close(self) -> None:
-        if self.proc.is_alive():
-            # None asks the child to leave its loop; a child that already died has no pipe left.
-            with contextlib.suppress(OSError):
-                self.conn.send(None)
-            self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
+        close_child(self.conn, self.proc)
 
 
 # -- (b) through hookd ----------------------------------------------------------------------------
