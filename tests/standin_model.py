@@ -114,10 +114,12 @@ class _Builder:
         self.weights.append(numpy_helper.from_array(value, name))
         return name
 
-    def weight(self, name: str, shape: tuple[int, int]) -> str:
+    def weight(self, name: str, shape: tuple[int, int], scale: float | None = None) -> str:
+        """Normal weights; by default scaled so a product with unit-scale inputs stays unit-scale."""
         import numpy as np
 
-        return self.constant(name, (self.rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32))
+        factor = 1 / np.sqrt(shape[0]) if scale is None else scale
+        return self.constant(name, (self.rng.standard_normal(shape) * factor).astype(np.float32))
 
     def node(self, op: str, inputs: list[str], output: str, **attributes: Any) -> str:
         from onnx import helper
@@ -127,19 +129,28 @@ class _Builder:
 
 
 def _graph(size: Size, vocab: int, seed: int) -> Any:
-    """Embedding, `layers` x (single-head attention + gated feed-forward, with residuals), then
-    one score per token through a sigmoid, zeroed where the attention mask is 0."""
+    """Embedding, `layers` x (single-head attention + gated feed-forward, each with a residual and
+    layer norm), then one score per token through a sigmoid, zeroed where the attention mask is 0."""
     import numpy as np
     from onnx import TensorProto, helper
 
     b = _Builder(seed)
     b.constant("inv_sqrt_width", np.array([1.0 / np.sqrt(size.width)], dtype=np.float32))
     b.constant("squeeze_axes", np.array([2], dtype=np.int64))
-    hidden = b.node("Gather", [b.weight("embedding", (vocab, size.width)), "input_ids"], "embedded")
+    b.constant("norm_scale", np.ones(size.width, dtype=np.float32))
+    b.constant("norm_bias", np.zeros(size.width, dtype=np.float32))
+    b.constant("context_weight", np.array([0.1], dtype=np.float32))
+    hidden = b.node("Gather", [b.weight("embedding", (vocab, size.width), scale=1.0), "input_ids"], "embedded")
     mask = b.node("Cast", ["attention_mask"], "mask", to=TensorProto.FLOAT)
     for layer in range(size.layers):
         hidden = _layer(b, hidden, size, f"layer{layer}")
-    logits = b.node("MatMul", [hidden, b.weight("score", (size.width, 1))], "logits")
+    # Random deep layers drive every token to nearly the same state, which would give every word
+    # the same score; a skip from the embedding keeps scores spread per word, so some words are
+    # kept and some dropped, as with a trained model.
+    per_word = b.node("MatMul", ["embedded", b.weight("score_embedding", (size.width, 1))], "per_word")
+    contextual = b.node("MatMul", [hidden, b.weight("score_hidden", (size.width, 1))], "contextual")
+    damped = b.node("Mul", [contextual, "context_weight"], "damped")
+    logits = b.node("Add", [per_word, damped], "logits")
     probabilities = b.node("Sigmoid", [b.node("Squeeze", [logits, "squeeze_axes"], "squeezed")], "probabilities")
     b.node("Mul", [probabilities, mask], "final_scores")
     graph = helper.make_graph(
@@ -165,9 +176,15 @@ def _layer(b: _Builder, hidden: str, size: Size, name: str) -> str:
     attention = b.node("Softmax", [scaled], f"{name}.attention", axis=-1)
     mixed = b.node("MatMul", [attention, value], f"{name}.mixed")
     projected = b.node("MatMul", [mixed, b.weight(f"{name}.o", (width, width))], f"{name}.projected")
-    hidden = b.node("Add", [hidden, projected], f"{name}.residual1")
+    hidden = _norm(b, b.node("Add", [hidden, projected], f"{name}.residual1"))
     up = b.node("MatMul", [hidden, b.weight(f"{name}.up", (width, ffn))], f"{name}.up_out")
     gate = b.node("MatMul", [hidden, b.weight(f"{name}.gate", (width, ffn))], f"{name}.gate_out")
     gated = b.node("Mul", [up, b.node("Relu", [gate], f"{name}.relu")], f"{name}.gated")
     down = b.node("MatMul", [gated, b.weight(f"{name}.down", (ffn, width))], f"{name}.down_out")
-    return b.node("Add", [hidden, down], f"{name}.residual2")
+    return _norm(b, b.node("Add", [hidden, down], f"{name}.residual2"))
+
+
+def _norm(b: _Builder, value: str) -> str:
+    # Keeps activations near unit scale through every layer, so the scores stay spread around
+    # 0.5 (some words kept, some dropped) at any depth, as a trained model's would.
+    return b.node("LayerNormalization", [value, "norm_scale", "norm_bias"], f"{value}.norm", axis=-1)

@@ -51,7 +51,7 @@ def _prose() -> str:
         "the process that already holds its compressed history, which keeps every turn fast. "
     )
     # One Kompress chunk (350 words): enough to prove the model runs, quick on any CPU.
-    return "".join(f"Paragraph {i}. {sentence * 3}\n\n" for i in range(2))
+    return "".join(f"Paragraph {i}. {sentence * 3}\n\n" for i in range(3))
 
 
 def conversations() -> dict[str, list[dict[str, Any]]]:
