@@ -110,14 +110,16 @@ async def phase_interleaved(
 async def run_levels(
     contender: Contender, plan: Plan, work: Work, http: aiohttp.ClientSession, progress: Progress
 ) -> list[dict[str, Any]]:
-    # The floor is one loop in one process: it has no concurrency to vary.
-    levels = (1,) if isinstance(contender, InProcess) else plan.concurrencies
+    # The floor is one loop in one process, with no concurrency to vary: it runs once cold and, like
+    # the others' later levels, once more warm under new session ids.
+    floor = isinstance(contender, InProcess)
+    levels = (1,) * min(2, len(plan.concurrencies)) if floor else plan.concurrencies
     results = []
     for level in levels:
         sessions = interleaved_calls(work, plan, f"c{level}")
         results.append(await drive.concurrent(contender, sessions, level, http, progress))
-    if isinstance(contender, InProcess):
-        progress.advance(sum(len(s) for s in sessions) * (len(plan.concurrencies) - 1))
+    if floor:
+        progress.advance(sum(len(s) for s in sessions) * (len(plan.concurrencies) - len(levels)))
     return results
 
 
