@@ -106,6 +106,31 @@ def test_without_cuda_the_session_is_cpu_only(model_cache: Path) -> None:
     assert "ml_reason" not in result["facts"]
 
 
+def test_a_broken_model_turns_text_compression_off_in_auto_and_fails_in_on(tmp_path: Path) -> None:
+    cache = standin_model.seed_cache(tmp_path)
+    plan = artifacts.required()
+    (artifacts.snapshot_dir(cache, plan.model) / plan.model.files[0]).write_bytes(b"not an onnx model")
+    script = textwrap.dedent(
+        f"""
+        import json
+        from worker import offline
+        offline.prepare(model_cache={str(cache)!r})
+        from worker import ml
+        auto = ml.load(ml.Options(mode="auto"))
+        try:
+            ml.load(ml.Options(mode="on"))
+            on = "loaded"
+        except Exception as exc:
+            on = type(exc).__name__
+        print(json.dumps({{"auto": auto, "on": on}}))
+        """
+    )
+    result = json.loads(run_python(script).splitlines()[-1])
+    assert result["auto"]["ml_text_compression"] is False
+    assert "failed to load" in result["auto"]["ml_reason"]
+    assert result["on"] != "loaded"
+
+
 def test_threads_share_the_cpus_among_workers() -> None:
     cores = default_pool_size()
     assert Settings(pool_size=cores).onnx_threads == 1
