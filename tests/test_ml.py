@@ -36,8 +36,14 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ml_hookd(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hookd]:
-    with Hookd("--model-cache", str(model_cache), state_dir=tmp_path_factory.mktemp("state")) as server:
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def ml_hookd(model_cache: Path, home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hookd]:
+    state = tmp_path_factory.mktemp("state")
+    with Hookd("--model-cache", str(model_cache), state_dir=state, env={"HOME": str(home)}) as server:
         yield server
 
 
@@ -219,6 +225,12 @@ async def test_prose_is_compressed_on_the_first_request_and_the_same_way_again(m
     # A new conversation with the same text, on the other worker: the same output.
     again = await post(ml_hookd, calls[1])
     assert text_of(again) == text_of(first)
+
+
+async def test_nothing_is_written_to_home(ml_hookd: Hookd, home: Path) -> None:
+    """ONNX Runtime would keep a device id and usage events under ~/.cache/Microsoft."""
+    await post(ml_hookd, fixtures.prose_call("prose-home"))
+    assert [str(p) for p in home.rglob("*")] == []
 
 
 async def test_without_the_model_text_compression_is_off_and_says_why(tmp_path: Path) -> None:

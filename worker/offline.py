@@ -74,6 +74,10 @@ def prepare(env: MutableMapping[str, str] | None = None, model_cache: str | None
     # transformers warns at import that PyTorch is missing; Kompress runs on ONNX Runtime and
     # only uses its tokenizer, so the warning would only mislead an operator reading the log.
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # ONNX Runtime >= 1.29 (used by Kompress and by headroom's native content detection) keeps a
+    # device id and a database of usage events under ~/.cache/Microsoft/DeveloperTools and tries
+    # to upload them. Set before ONNX Runtime initialises, this turns all of it off.
+    env["ORT_DISABLE_TELEMETRY"] = "1"
     if model_cache:
         env["HF_HUB_CACHE"] = model_cache
     if "ORT_DYLIB_PATH" not in env and (library := gpu_only_ort_library()):
