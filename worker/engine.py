@@ -18,7 +18,7 @@ import orjson
 from headroom.models.registry import ModelRegistry
 from headroom.tokenizers import get_tokenizer
 from headroom.tokenizers.huggingface import HuggingFaceTokenizer
-from headroom.transforms import TransformPipeline
+from headroom.transforms import TransformPipeline, content_router
 from headroom.transforms.content_router import ContentRouter
 
 from worker import samples
@@ -72,6 +72,10 @@ def install_marker_free_pipeline(kompress: bool = False) -> None:
         raise RuntimeError("headroom's default pipeline has no ContentRouter to configure")
     with _compress_module._pipeline_lock:
         _compress_module._pipeline = pipeline
+    if os.environ.get("HEADROOM_DETECT_BACKEND") == "python":
+        # Chosen on purpose (see worker.offline); headroom would warn, per worker, that the native
+        # detector is unsafe on Windows, which says nothing true about this choice.
+        content_router._detect_backend_warned = True
 
 
 def counting_model(model: str) -> str:
