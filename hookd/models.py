@@ -12,10 +12,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
-from worker import artifacts, ml
+from worker import artifacts, ml, offline
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +48,7 @@ def main(argv: Sequence[str]) -> int:
     else:
         # Pulling is the one thing that is meant to reach the hub.
         os.environ.pop("HF_HUB_OFFLINE", None)
-    if not _installed("huggingface_hub"):
+    if not ml.installed("huggingface_hub"):
         print("hookd models: huggingface_hub is not installed: pip install 'hookd[ml]'", file=sys.stderr)
         return 2
     cache = args.cache or artifacts.default_cache()
@@ -88,20 +87,12 @@ def check(cache: Path) -> int:
     return 1
 
 
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
 def _describe(module: str) -> str:
-    if not _installed(module):
+    if not ml.installed(module):
         return "missing"
     # onnxruntime may come from either distribution; say which.
     names = ("onnxruntime", "onnxruntime-gpu") if module == "onnxruntime" else (module.replace("_", "-"),)
     for name in names:
-        try:
-            return f"{name} {metadata.version(name)}"
-        except metadata.PackageNotFoundError:
-            continue
+        if (version := offline.installed_version(name)) is not None:
+            return f"{name} {version}"
     return "installed"

@@ -88,8 +88,6 @@ class Settings:
     def worker_options(self) -> dict[str, Any]:
         """What a worker process is started with (see `worker.main.run`)."""
         return {
-            "ml": self.ml,
-            "ml_threads": self.onnx_threads,
-            "ml_budget": self.ml_budget,
+            "ml": {"mode": self.ml, "threads": self.onnx_threads, "budget": self.ml_budget},
             "model_cache": str(self.model_cache) if self.model_cache else None,
         }

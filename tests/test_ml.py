@@ -143,7 +143,7 @@ def test_threads_share_the_cpus_among_workers() -> None:
     assert Settings(pool_size=1).onnx_threads == cores
     assert Settings(pool_size=cores * 4).onnx_threads == 1
     assert Settings(pool_size=2, ml_threads=3).onnx_threads == 3
-    assert Settings(pool_size=2, ml_threads=3).worker_options()["ml_threads"] == 3
+    assert Settings(pool_size=2, ml_threads=3).worker_options()["ml"]["threads"] == 3
 
 
 def test_onnxruntime_gpu_alone_is_pointed_out_to_headroom_native_detection() -> None:

@@ -20,8 +20,8 @@ from worker import frames, offline
 
 
 def run(sock: socket.socket, slot: int, options: dict[str, Any] | None = None) -> None:
-    """`options`: "ml" (auto, on, off), "ml_threads", "ml_budget" (seconds), "model_cache" (an HF hub
-    cache directory); see `hookd.settings.Settings.worker_options`."""
+    """`options`: "ml" (`worker.ml.Options` fields) and "model_cache" (an HF hub cache directory);
+    see `hookd.settings.Settings.worker_options`."""
     options = options or {}
     # stdout belongs to the front end's -v lines; anything headroom prints goes to stderr.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -33,11 +33,7 @@ def run(sock: socket.socket, slot: int, options: dict[str, Any] | None = None) -
         # Kompress first: its imports must happen in this thread before headroom starts any.
         from worker import ml
 
-        ml_facts = ml.load(
-            ml.Options(
-                options.get("ml", "auto"), int(options.get("ml_threads", 1)), float(options.get("ml_budget", 2.0))
-            )
-        )
+        ml_facts = ml.load(ml.Options(**options.get("ml", {})))
         from worker.engine import Engine
 
         engine = Engine(ml_facts)

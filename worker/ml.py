@@ -53,8 +53,12 @@ def choose_providers(available: Sequence[str]) -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None  # finds it without importing it
+
+
 def missing_modules() -> list[str]:
-    return [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
+    return [name for name in REQUIRED_MODULES if not installed(name)]
 
 
 def why_not(options: Options, cache: Path | None = None) -> str | None:
