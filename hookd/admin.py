@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from hookd import auth, config
+from hookd import auth, config, prices
 from hookd.compressor import Compressor
 from hookd.metrics import CONTENT_TYPE, Metrics
 from hookd.settings import Settings
@@ -90,6 +90,8 @@ class Admin:
         warm = [w for w in workers if "headroom_version" in w]
         return {
             **self.store.values,
+            # The whole table in force; a PUT of `cache_prices` sets the rows that differ.
+            "cache_prices": prices.as_document(self.store.price_table()),
             "headroom_version": warm[0]["headroom_version"] if warm else None,
             **ml_summary(warm),
             "savings_profiles": self._profiles(),

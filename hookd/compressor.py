@@ -21,6 +21,10 @@ class Job:
     affinity_wait: float = 0.5
     # The first `frozen` messages were sent upstream before exactly as given: keep them as they are.
     frozen: int = 0
+    # The history policy's pipeline (cross-turn dedup, superseded reads): modes auto and clear.
+    strong: bool = False
+    # Where `messages` start in the conversation (dedup pointers name messages by that number).
+    offset: int = 0
 
 
 @dataclass
@@ -61,3 +65,8 @@ class Compressor(Protocol):
     def worker_info(self) -> list[dict[str, Any]]: ...
 
     async def compress(self, job: Job) -> Result: ...
+
+    async def compress_idle(self, job: Job) -> Result | None:
+        """Run `job` only on a worker that is idle now, with nothing waiting: background work
+        that must never delay a request. None when there is no such worker."""
+        ...

@@ -1,10 +1,11 @@
 """Runtime compression settings: the `/config` document, its validation and its file.
 
 The knobs are headroom's `CompressConfig` fields under their own names and defaults (as
-tsheadroom exposes them), plus hookd's own `affinity_wait` and `sticky` (prompt-cache-safe
-mode). A change is validated whole before anything moves, written atomically under the state
-directory, and read by the next request: workers get the knobs with every job, so nothing
-restarts.
+tsheadroom exposes them), plus hookd's own: `affinity_wait`, the history policy (`history` and
+its `history_*` sizes, see `hookd.history`) and overrides of the provider cache price table
+(`cache_prices`, see `hookd.prices`). A change is validated whole before anything moves, written
+atomically under the state directory, and read by the next request: workers get the knobs with
+every job, so nothing restarts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from hookd import history, prices
 
 log = logging.getLogger("hookd.config")
 
@@ -38,7 +41,11 @@ DEFAULTS: dict[str, Any] = {
     "kompress_model": None,
     "savings_profile": None,
     "affinity_wait": 0.5,
-    "sticky": True,
+    "history": "auto",
+    "history_batch": history.Knobs.batch,
+    "history_interval": history.Knobs.interval,
+    "history_keep": history.Knobs.keep,
+    "cache_prices": {},
 }
 # Knobs that go to headroom's compress() with every job; the rest are hookd's own.
 COMPRESS_KNOBS = (
@@ -51,6 +58,8 @@ COMPRESS_KNOBS = (
     "kompress_model",
     "savings_profile",
 )
+# Settings of earlier versions, read from an old file and translated (see Store._load).
+RETIRED = {"sticky": "history"}
 READ_ONLY = ("headroom_version", "ml_text_compression", "ml_reason", "ml_provider", "savings_profiles", "workers")
 
 
@@ -98,6 +107,19 @@ def _seconds(name: str, value: Any) -> float:
     return float(value)
 
 
+def _history(name: str, value: Any) -> str:
+    if value not in history.MODES:
+        raise InvalidSettings(f"{name} must be one of {', '.join(history.MODES)}")
+    return str(value)
+
+
+def _prices(name: str, value: Any) -> dict[str, Any]:
+    try:
+        return prices.validate(value)
+    except prices.InvalidPrices as exc:
+        raise InvalidSettings(str(exc)) from None
+
+
 CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "compress_user_messages": _bool,
     "compress_system_messages": _bool,
@@ -107,7 +129,11 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "min_tokens_to_compress": _int_in(0, MAX_MIN_TOKENS),
     "kompress_model": _model_name,
     "affinity_wait": _seconds,
-    "sticky": _bool,
+    "history": _history,
+    "history_batch": _int_in(1, 1000),
+    "history_interval": _int_in(1, 10_000),
+    "history_keep": _int_in(0, 10_000),
+    "cache_prices": _prices,
 }
 
 
@@ -123,6 +149,8 @@ def validate(change: Any, profiles: list[str] | None, saved: bool = False) -> di
     for name, value in change.items():
         if name in READ_ONLY:
             raise InvalidSettings(f"{name} is read-only")
+        if name in RETIRED:
+            raise InvalidSettings(f"{name} was replaced by {RETIRED[name]} ({', '.join(history.MODES)})")
         if name == "savings_profile":
             checked[name] = _profile(value, profiles, saved)
         elif name in CHECKS:
@@ -144,6 +172,16 @@ def _profile(value: Any, profiles: list[str] | None, saved: bool) -> str | None:
     return str(value)
 
 
+def _upgraded(saved: Any) -> Any:
+    """A settings file from before the history policy: `"sticky": false` meant plain per-turn
+    compression; `true` was the old default, which the new default (auto) replaces."""
+    if isinstance(saved, dict) and "sticky" in saved:
+        saved = dict(saved)
+        if saved.pop("sticky") is False:
+            saved.setdefault("history", "plain")
+    return saved
+
+
 class Store:
     """The live settings and the file that keeps them across restarts."""
 
@@ -158,7 +196,7 @@ class Store:
         except FileNotFoundError:
             return {}
         try:
-            return validate(orjson.loads(raw), profiles=None, saved=True) if raw.strip() else {}
+            return validate(_upgraded(orjson.loads(raw)), profiles=None, saved=True) if raw.strip() else {}
         except (orjson.JSONDecodeError, InvalidSettings) as exc:
             # A bad file must not keep hookd from starting (systemd would restart it into the
             # same failure forever): keep it aside for the operator and start from defaults.
@@ -169,6 +207,13 @@ class Store:
 
     def compress_knobs(self) -> dict[str, Any]:
         return {name: self.values[name] for name in COMPRESS_KNOBS}
+
+    def history_knobs(self) -> history.Knobs:
+        v = self.values
+        return history.Knobs(v["history"], v["history_batch"], v["history_interval"], v["history_keep"])
+
+    def price_table(self) -> dict[str, prices.Prices]:
+        return prices.merged(self.values["cache_prices"])
 
     def update(self, change: Mapping[str, Any], profiles: list[str] | None) -> dict[str, Any]:
         checked = validate(change, profiles)

@@ -12,8 +12,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -23,6 +22,7 @@ from hookd import auth, codings, protocol, sticky, summary, validate
 from hookd.affinity import session_key
 from hookd.compressor import Compressor, CompressorError, Job, Overloaded, Result
 from hookd.config import Store
+from hookd.conversation import Conversations, Turn
 from hookd.metrics import Metrics
 from hookd.settings import Settings
 
@@ -69,18 +69,10 @@ class Answer:
         self.body = body
         self.status = status
         self.close = close
-        # For `modify`: the messages that go upstream, for sticky mode to remember.
+        # For `modify`: the messages that go upstream, for the conversation's record.
         self.sent = sent or []
-
-
-@dataclass(frozen=True)
-class Turn:
-    """Sticky mode's state for one request: its record, and the history to send again."""
-
-    key: bytes
-    digests: bytes
-    previous: sticky.Record | None
-    prefix: list[Any]
+        # Work to start once the answer is written (a rewrite candidate), if any.
+        self.after: Callable[[], Awaitable[None]] | None = None
 
 
 async def offload(size: int, fn: Callable[..., T], *args: Any) -> T:
@@ -90,16 +82,31 @@ async def offload(size: int, fn: Callable[..., T], *args: Any) -> T:
 
 
 class Hook:
-    def __init__(self, settings: Settings, compressor: Compressor, metrics: Metrics, store: Store) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        compressor: Compressor,
+        metrics: Metrics,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        records: sticky.Records | None = None,
+    ) -> None:
+        """`clock`: wall-clock seconds, which the cache model measures idle time with (the
+        benchmarks replay recorded sessions on their own clock). `records`: where conversation
+        records live; this process's memory unless given."""
         self.settings = settings
         self.compressor = compressor
         self.metrics = metrics
         self.store = store
-        self.sticky = sticky.Store(settings.sticky_max_mb * MIB, settings.sticky_ttl)
-        metrics.sticky_bytes.set_function(lambda: self.sticky.bytes)
-        metrics.sticky_conversations.set_function(lambda: len(self.sticky))
+        max_bytes = settings.sticky_max_mb * MIB
+        if records is None:
+            records = sticky.Memory(sticky.Store(max_bytes, settings.sticky_ttl, clock))
+        self.conversations = Conversations(store, compressor, records, max_bytes, clock)
+        metrics.sticky_bytes.set_function(lambda: records.bytes)
+        metrics.sticky_conversations.set_function(lambda: len(records))
         # Set when a shutdown's drain time is up: calls still running are answered allow.
         self.drain_expired = asyncio.Event()
+        self.background: set[asyncio.Future[None]] = set()
 
     async def hook(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -114,6 +121,8 @@ class Hook:
                 log.exception("unexpected failure; answering allow")
                 answer = Answer("allow(error)")
             response = await self.respond(request, answer, rec)
+            if answer.after is not None:
+                self.start_background(answer.after)
             return response
         finally:
             rec.dur_ms = (time.perf_counter() - started) * 1000
@@ -123,6 +132,16 @@ class Hook:
             if self.settings.verbose:
                 sys.stdout.write(summary.line(rec) + "\n")
                 sys.stdout.flush()
+
+    def start_background(self, work: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.ensure_future(work())
+        self.background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Future[None]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work failed", exc_info=task.exception())
 
     async def decide(self, request: web.Request, rec: summary.Record) -> Answer:
         if not auth.allowed(request, self.settings.hook_token):
@@ -197,22 +216,25 @@ class Hook:
 
     async def compress(self, call: protocol.HookCall, rec: summary.Record) -> Answer:
         session = session_key(call.session_id, call.messages)
-        turn = self.sticky_turn(session, call.messages)
+        turn = await self.conversations.begin(session, call)
+        if turn is not None:
+            await self.conversations.rewrite(turn, call, lambda sent: self.whole_job(call, session, sent, rec))
         prefix = turn.prefix if turn else []
-        rec.frozen = len(prefix)
+        rec.frozen = len(prefix) - (len(turn.plan.forms) if turn and turn.plan else 0)
         outcome = await self.run_job(call, session, turn, rec)
         answer = outcome if isinstance(outcome, Answer) else self.answer_for(call, outcome, prefix, turn, rec)
         if turn is not None:
-            if answer.outcome not in ("modify", "allow(noop)") and turn.previous and turn.previous.emitted:
+            changed = turn.previous is not None and (turn.previous.emitted or turn.plan is not None)
+            if answer.outcome not in ("modify", "allow(noop)") and changed:
                 answer = self.history_only(call, turn, answer, rec)
-            self.remember(turn, call.messages, answer, rec)
+            answer.after = await self.remember(turn, call, answer, rec)
         return answer
 
     def history_only(self, call: protocol.HookCall, turn: Turn, failed: Answer, rec: summary.Record) -> Answer:
         """When the new messages could not be compressed, `allow` would send the original history
         and miss the provider's cache for all of it. Sending last turn's history again with the
         new messages untouched is as safe (those bytes were checked and sent before) and keeps
-        the cache; the new messages then stay uncompressed, as sticky mode promises."""
+        the cache; the new messages then stay uncompressed, as the record promises."""
         messages = turn.prefix + call.messages[len(turn.prefix) :]
         try:
             validate.check(call.messages, messages)
@@ -224,19 +246,11 @@ class Hook:
         log.info("sending last turn's history again after %s", failed.outcome)
         return Answer("modify(history)", body, sent=messages)
 
-    def sticky_turn(self, session: bytes, messages: list[Any]) -> Turn | None:
-        """Sticky mode's view of this turn: the history sent before, re-rendered byte for byte."""
-        if not self.store.values["sticky"]:
-            return None
-        current = sticky.digests(messages)
-        key = sticky.record_key(session, current)
-        previous = self.sticky.lookup(key, current)
-        prefix: list[Any] = []
-        if previous is not None:
-            for index in range(previous.count):
-                stored = previous.emitted.get(index)
-                prefix.append(messages[index] if stored is None else sticky.render(stored, messages[index]))
-        return Turn(key, current, previous, prefix)
+    def whole_job(self, call: protocol.HookCall, session: bytes, sent: list[Any], rec: summary.Record) -> Job:
+        """The history as sent, whole, for the strong pipeline: a cold turn's rewrite."""
+        wait = affinity_wait(self.store.values["affinity_wait"], rec.in_bytes)
+        knobs = self.conversations.knobs()
+        return Job(messages=sent, model=call.model, key=session, knobs=knobs, affinity_wait=wait, strong=True)
 
     async def run_job(
         self, call: protocol.HookCall, session: bytes, turn: Turn | None, rec: summary.Record
@@ -245,7 +259,8 @@ class Hook:
         if len(prefix) == len(call.messages):
             # The same request again (a client retry): everything was decided last time.
             return Result(messages=list(prefix))
-        knobs = self.store.compress_knobs()
+        strong = turn is not None and turn.strong
+        knobs = self.conversations.knobs() if strong else self.store.compress_knobs()
         # The worker needs only enough history to judge the new messages (the recent window
         # headroom protects, the tool calls their results answer); the rest stays here.
         context = prefix[max(0, len(prefix) - knobs["protect_recent"] - CONTEXT_MESSAGES) :]
@@ -260,6 +275,8 @@ class Hook:
             knobs=knobs,
             affinity_wait=affinity_wait(self.store.values["affinity_wait"], rec.in_bytes),
             frozen=len(context),
+            strong=strong,
+            offset=len(prefix) - len(context),
         )
         try:
             result = await self.until_drained(self.compressor.compress(job))
@@ -293,6 +310,8 @@ class Hook:
         previous = turn.previous if turn else None
         rec.tokens_in = result.tokens_before + (previous.tokens_before if previous else 0)
         rec.tokens_out = result.tokens_after + (previous.tokens_after if previous else 0)
+        if turn is not None and turn.plan is not None:
+            rec.tokens_out = max(0, rec.tokens_out - turn.plan.saved_tokens)
         if rec.tokens_out >= rec.tokens_in:
             rec.tokens_out = rec.tokens_in
             return Answer("allow(noop)")
@@ -309,25 +328,29 @@ class Hook:
             return Answer("allow(passthrough)")
         return Answer("modify", body, sent=messages)
 
-    def remember(self, turn: Turn, originals: list[Any], answer: Answer, rec: summary.Record) -> None:
+    async def remember(
+        self, turn: Turn, call: protocol.HookCall, answer: Answer, rec: summary.Record
+    ) -> Callable[[], Awaitable[None]] | None:
         """Record what went upstream this turn, whatever the outcome: a message sent as it came
         stays that way, so the provider's cached prefix never changes under it. Only when the
         history could not be sent as recorded is the conversation forgotten (the next turn then
         starts a fresh record from a full compression)."""
+        sent: list[Any] | None
         if answer.outcome.startswith("modify"):
             sent = answer.sent
-        elif turn.previous is None or not turn.previous.emitted:
-            sent = originals
         else:
-            self.sticky.forget(turn.key)
-            return
-        record = sticky.remember(turn.previous, turn.digests, originals, sent)
+            # The history went out as the client sent it: no rewrite happened.
+            turn.plan = None
+            untouched = turn.previous is None or not turn.previous.emitted
+            sent = call.messages if untouched else None
         if rec.tokens_in:
-            record.tokens_before, record.tokens_after = rec.tokens_in, rec.tokens_out
+            counts = (rec.tokens_in, rec.tokens_out)
         elif turn.previous is not None:
             # Nothing was counted this turn (the worker failed): the history's counts stand.
-            record.tokens_before, record.tokens_after = turn.previous.tokens_before, turn.previous.tokens_after
-        self.sticky.commit(turn.key, record)
+            counts = (turn.previous.tokens_before, turn.previous.tokens_after)
+        else:
+            counts = (0, 0)
+        return await self.conversations.end(turn, call, sent, counts, rec)
 
     async def respond(self, request: web.Request, answer: Answer, rec: summary.Record) -> web.StreamResponse:
         rec.outcome = answer.outcome

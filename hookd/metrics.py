@@ -124,6 +124,18 @@ class Metrics:
         self.sticky_conversations = Gauge(
             "hookd_sticky_conversations", "Conversations remembered in sticky mode", registry=r
         )
+        self.rewrites = Counter(
+            "hookd_history_rewrites", "Turns that replaced already-sent history, by reason", ["reason"], registry=r
+        )
+        self.rewrite_messages = Counter(
+            "hookd_history_rewrite_messages", "Messages of history replaced, by reason", ["reason"], registry=r
+        )
+        self.rewrite_tokens = Counter(
+            "hookd_history_rewrite_tokens",
+            "Tokens taken out of already-sent history by rewrites (estimated from bytes), by reason",
+            ["reason"],
+            registry=r,
+        )
         self.markers_removed = Counter(
             "hookd_retrieval_markers_removed", "Retrieval markers kept out of answers", registry=r
         )
@@ -151,6 +163,10 @@ class Metrics:
             self.tokens_after.inc(rec.tokens_out)
         if rec.outcome.startswith("modify"):
             self.tokens_saved.inc(rec.tokens_in - rec.tokens_out)
+        if rec.rewrite != "-" and rec.outcome.startswith("modify"):
+            self.rewrites.labels(rec.rewrite).inc()
+            self.rewrite_messages.labels(rec.rewrite).inc(rec.rewrite_msgs)
+            self.rewrite_tokens.labels(rec.rewrite).inc(rec.rewrite_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -217,6 +217,23 @@ class WorkerPool:
         result.wait_ms, result.slot, result.cold, result.placement = wait_ms, worker.slot, cold, placement
         return result
 
+    async def compress_idle(self, job: Job) -> Result | None:
+        async with self._cond:
+            home = self.workers[slot_for(job.key, len(self.workers))] if self.settings.affinity else None
+            if self._waiting or self._stopping:
+                return None
+            worker = home if home is not None and home.state == IDLE else None
+            if worker is None and home is None and self._any_idle():
+                worker = self._pick(None, job.key)
+            if worker is None:
+                return None
+            worker.state = BUSY
+            worker.last_used = asyncio.get_running_loop().time()
+        call = asyncio.create_task(self._call(worker, job))
+        self._calls.add(call)
+        call.add_done_callback(self._call_done)
+        return await asyncio.shield(call)
+
     def _call_done(self, task: asyncio.Task[Result]) -> None:
         self._calls.discard(task)
         if not task.cancelled():
@@ -303,6 +320,8 @@ class WorkerPool:
                 "messages": job.messages,
                 "knobs": job.knobs,
                 "frozen": job.frozen,
+                "strong": job.strong,
+                "offset": job.offset,
             }
             payload = orjson.dumps(frame)
         except orjson.JSONEncodeError as exc:

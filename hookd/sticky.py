@@ -1,16 +1,18 @@
-"""Prompt-cache-safe compression: what each conversation was sent last turn, and sending it again.
+"""What each conversation was sent last turn, and sending it again byte for byte.
 
 A provider caches a conversation's prefix by content. Plain per-turn compression rewrites old
 messages differently as the conversation grows (a tool result compresses once it leaves the
 protected recent window, a search result is re-ranked against the newest question), so the next
-turn misses the cache and pays full price for history it had cached. In sticky mode each message
-is compressed once, when it first arrives; every later turn sends exactly what was sent before
-for the history and compresses only what is new (headroom's `frozen_message_count` keeps its
-hands off the history).
+turn misses the cache and pays full price for history it had cached. So every mode but `plain`
+compresses each message once, when it first arrives, and every later turn sends exactly what was
+sent before for the history and compresses only what is new (headroom's `frozen_message_count`
+keeps its hands off the history); only the history policy (`hookd.history`) may change it, and
+the record then holds what it sent instead.
 
 The state lives here, in the front end, because every request of a conversation passes through
-it whichever worker serves the turn. It holds a 16-byte digest per message and the emitted bytes
-of the messages compression changed, in memory only, bounded by bytes and age.
+it whichever worker serves the turn. A record holds a 16-byte digest per message, the emitted
+bytes of the messages compression changed and the conversation's cache model (`hookd.cache_model`),
+in memory only, bounded by bytes and age.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
+
+from hookd.cache_model import CacheState
 
 DIGEST = 16
 # What a record costs beyond its emitted bytes: the digests and the bookkeeping objects.
@@ -58,7 +62,13 @@ def _plain_text_block(block: Any) -> bool:
 
 
 def digests(messages: list[Any]) -> bytes:
-    return b"".join(hashlib.blake2b(canonical(m), digest_size=DIGEST).digest() for m in messages)
+    return fingerprint(messages)[0]
+
+
+def fingerprint(messages: list[Any]) -> tuple[bytes, list[int]]:
+    """Every message's digest, and its size as the provider's cache sees it."""
+    parts = [canonical(m) for m in messages]
+    return b"".join(hashlib.blake2b(p, digest_size=DIGEST).digest() for p in parts), [len(p) for p in parts]
 
 
 def record_key(session: bytes, all_digests: bytes) -> bytes:
@@ -76,6 +86,9 @@ class Record:
     tokens_before: int = 0
     tokens_after: int = 0
     used: float = 0.0
+    cache: CacheState = field(default_factory=CacheState)
+    # How many times the history policy has replaced this conversation's history.
+    generation: int = 0
 
     @property
     def count(self) -> int:
@@ -140,6 +153,53 @@ class Store:
             self._drop(key)
 
 
+class Records(Protocol):
+    """Where conversation records live: this process's memory (`Memory`), or a store shared by
+    every hookd replica. Whatever goes wrong inside a shared store, these calls do not raise:
+    a record that cannot be read is None (the turn is compressed as a new conversation) and one
+    that cannot be written is not recorded."""
+
+    async def lookup(self, key: bytes, current: bytes) -> Record | None: ...
+
+    async def commit(self, key: bytes, record: Record, previous: Record | None) -> bool:
+        """Store `record`, read as `previous`, unless another turn of the conversation was
+        recorded since and `record` does not extend it. False when it was not stored."""
+        ...
+
+    async def forget(self, key: bytes) -> None: ...
+
+    @property
+    def bytes(self) -> int:
+        """Memory this process holds for records."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+class Memory:
+    """Records in this process's memory only: one hookd, the default."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def lookup(self, key: bytes, current: bytes) -> Record | None:
+        return self.store.lookup(key, current)
+
+    async def commit(self, key: bytes, record: Record, previous: Record | None) -> bool:
+        self.store.commit(key, record)
+        return True
+
+    async def forget(self, key: bytes) -> None:
+        self.store.forget(key)
+
+    @property
+    def bytes(self) -> int:
+        return self.store.bytes
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
 def render(stored: bytes, current: dict[str, Any]) -> Any:
     """A message as sent before, carrying this request's own cache breakpoints."""
     return mark(orjson.loads(stored), current)
@@ -164,10 +224,14 @@ def mark(message: Any, current: Any) -> Any:
     return message
 
 
-def remember(previous: Record | None, current: bytes, originals: list[Any], sent: list[Any]) -> Record:
-    """The record after this turn: the old one extended by what was sent for the new messages."""
-    start = previous.count if previous else 0
-    emitted = dict(previous.emitted) if previous else {}
+def remember(
+    previous: Record | None, current: bytes, originals: list[Any], sent: list[Any], start: int | None = None
+) -> Record:
+    """The record after this turn: the old one with what was sent from `start` on (by default
+    the new messages only; earlier when the history policy rewrote history)."""
+    if start is None:
+        start = previous.count if previous else 0
+    emitted = {i: b for i, b in previous.emitted.items() if i < start} if previous else {}
     for index in range(start, len(originals)):
         if sent[index] is not originals[index]:
             stored = orjson.dumps(strip_cache_control(sent[index]))
@@ -178,4 +242,6 @@ def remember(previous: Record | None, current: bytes, originals: list[Any], sent
         emitted=emitted,
         tokens_before=previous.tokens_before if previous else 0,
         tokens_after=previous.tokens_after if previous else 0,
+        cache=previous.cache if previous else CacheState(),
+        generation=previous.generation if previous else 0,
     )

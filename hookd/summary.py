@@ -28,6 +28,11 @@ class Record:
     placement: str = "-"
     wait_ms: float = 0.0
     frozen: int = 0
+    # The history policy: "batch" or "cold" when this turn replaced history, with how many
+    # messages and (estimated) tokens it took out.
+    rewrite: str = "-"
+    rewrite_msgs: int = 0
+    rewrite_tokens: int = 0
     response_coding: str = "identity"
     outcome: str = "allow(noop)"
     provider: str = ""
@@ -42,5 +47,6 @@ def line(rec: Record) -> str:
         f"write_ms={rec.write_ms:.0f} worker_ms={rec.worker_ms:.0f} slot={slot} "
         f"cold={'true' if rec.cold else 'false'} model_limit={rec.model_limit} "
         f"tokens_in={rec.tokens_in} tokens_out={rec.tokens_out} affinity={rec.placement} "
-        f"wait_ms={rec.wait_ms:.0f} frozen={rec.frozen} resp={rec.response_coding} -> {rec.outcome}"
+        f"wait_ms={rec.wait_ms:.0f} frozen={rec.frozen} rewrite={rec.rewrite} rewrite_msgs={rec.rewrite_msgs} "
+        f"rewrite_tokens={rec.rewrite_tokens} resp={rec.response_coding} -> {rec.outcome}"
     )

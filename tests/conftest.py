@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,13 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
     runners: list[Any] = []
     sessions: list[aiohttp.ClientSession] = []
 
-    async def _start(mode: str = "shorten", **overrides: Any) -> tuple[str, FakeCompressor, aiohttp.ClientSession]:
+    async def _start(
+        mode: str = "shorten", clock: Callable[[], float] = time.time, **overrides: Any
+    ) -> tuple[str, FakeCompressor, aiohttp.ClientSession]:
         settings = dataclasses.replace(Settings(port=free_port()), **overrides)
         fake = FakeCompressor(mode)
         store = Store(tmp_path / f"state-{len(runners)}", settings.affinity_wait)
-        runner = await server.start_site(server.build_app(settings, fake, Metrics(), store), settings)
+        runner = await server.start_site(server.build_app(settings, fake, Metrics(), store, clock), settings)
         runners.append(runner)
         session = aiohttp.ClientSession()
         sessions.append(session)

@@ -29,9 +29,16 @@ def shorten(messages: list[Any]) -> list[Any]:
     return [cut(copy.deepcopy(m)) for m in messages]
 
 
+def _text_of(message: Any) -> str:
+    return str(message)
+
+
 class FakeCompressor:
     """`mode` picks the behaviour: shorten, same, error, overload, zero-tokens, drop-message,
-    rename-tool-id, slow."""
+    rename-tool-id, slow; and for the history policy, where new messages go as they came and only
+    a job over the whole history (nothing frozen) shortens: aging (every message but the last
+    two, as output that compresses once it is old) and stale (only messages that say STALE, as a
+    file read a later edit made stale)."""
 
     def __init__(self, mode: str = "shorten") -> None:
         self.mode = mode
@@ -52,6 +59,9 @@ class FakeCompressor:
     def worker_info(self) -> list[dict[str, Any]]:
         return [{"slot": 0, "state": "idle", "pid": 0}]
 
+    async def compress_idle(self, job: Job) -> Result | None:
+        return await self.compress(job)
+
     async def compress(self, job: Job) -> Result:
         self.jobs.append(job)
         if self.mode == "error":
@@ -63,6 +73,8 @@ class FakeCompressor:
         # Like headroom, leave the frozen history alone and count only what follows it.
         live = job.messages[job.frozen :]
         messages = job.messages[: job.frozen] + shorten(live)
+        if self.mode in ("aging", "stale"):
+            messages = self._history_only(job)
         if self.mode == "same":
             messages = job.messages
         elif self.mode == "drop-message":
@@ -74,6 +86,14 @@ class FakeCompressor:
         if self.mode == "zero-tokens":
             before = after = 0
         return Result(messages=messages, tokens_before=before, tokens_after=after, model_limit=200000, slot=0)
+
+
+    def _history_only(self, job: Job) -> list[Any]:
+        if job.frozen or len(job.messages) <= 2:
+            return list(job.messages)
+        if self.mode == "aging":
+            return shorten(job.messages[:-2]) + job.messages[-2:]
+        return [shorten([m])[0] if "STALE" in _text_of(m) else m for m in job.messages]
 
 
 def _rename_tool_ids(messages: list[Any]) -> list[Any]:

@@ -119,14 +119,16 @@ async def test_a_failed_first_turn_is_an_allow_and_its_messages_stay_as_sent(sta
     assert fake.jobs[-1].frozen > 0
 
 
-@pytest.mark.parametrize("sticky_on", [True, False])
-async def test_the_setting_turns_it_off(start: Start, sticky_on: bool) -> None:
+@pytest.mark.parametrize(("mode", "keeps_history"), [("sticky", True), ("auto", True), ("plain", False)])
+async def test_only_plain_mode_compresses_history_again(start: Start, mode: str, keeps_history: bool) -> None:
     url, fake, session = await start()
-    async with session.put(url + "config", json={"sticky": sticky_on}) as response:
+    async with session.put(url + "config", json={"history": mode}) as response:
         assert response.status == 200
     await send(session, url, conversation(2))
     await send(session, url, conversation(3))
-    assert (fake.jobs[-1].frozen > 0) is sticky_on
+    assert (fake.jobs[-1].frozen > 0) is keeps_history
+    # The history policy's modes compress new messages with the strong pipeline.
+    assert fake.jobs[-1].strong is (mode == "auto")
 
 
 async def test_sub_agents_sharing_a_session_id_keep_separate_histories(start: Start) -> None:

@@ -48,12 +48,22 @@ STALE_POINTER_TEXT = b"Retrieve original: hash="
 # is true and useful ("re-read the file"), so only the pointer is cut. This pass saves ~40% on
 # Claude Code sessions that edit what they read.
 STALE_READ_POINTER = re.compile(r"(\[Read content (?:stale|superseded): [^\]]*?) Retrieve original: hash=[0-9a-f]+\]")
+# headroom's cross-turn dedup names the earlier message a span repeats by its index in the list it
+# was given; a worker is given a window of the conversation, so the index is moved to the
+# conversation's own numbering.
+DEDUP_POINTER = re.compile(r"\[↑(\d+)L same as msg (\d+)")
 
 
-def install_marker_free_pipeline(kompress: bool = False) -> None:
+def marker_free_pipeline(kompress: bool = False, strong: bool = False) -> TransformPipeline:
     """headroom's default pipeline with retrieval markers and the CCR store off, and Kompress
     only when `worker.ml` has already loaded it; `compress()` offers no knob for these, so the
-    pipeline is built here."""
+    pipeline is built here.
+
+    `strong` is the history policy's pipeline (modes auto and clear): cross-turn dedup on (a
+    later output's span that repeats an earlier output verbatim becomes a pointer to it; it only
+    ever refers back, so what was sent before never changes), and reads superseded by a later
+    read of the same file replaced as well as stale ones (a rewrite of history decides whether
+    that pays)."""
     pipeline = TransformPipeline()
     for index, transform in enumerate(pipeline.transforms):
         if isinstance(transform, ContentRouter):
@@ -64,12 +74,18 @@ def install_marker_free_pipeline(kompress: bool = False) -> None:
                 # Off unless loaded: headroom would otherwise load it on a background thread and
                 # pass text through (remembered as "skip") until it is ready.
                 enable_kompress=kompress,
+                enable_cross_turn_dedup=strong,
             )
+            if strong:
+                config.read_lifecycle = dataclasses.replace(config.read_lifecycle, compress_superseded=True)
             # observer=None: headroom's default observer stages usage beacons for the network.
             pipeline.transforms[index] = ContentRouter(config, observer=None)
-            break
-    else:
-        raise RuntimeError("headroom's default pipeline has no ContentRouter to configure")
+            return pipeline
+    raise RuntimeError("headroom's default pipeline has no ContentRouter to configure")
+
+
+def use_pipeline(pipeline: TransformPipeline) -> None:
+    """Make `pipeline` the one `headroom.compress()` runs (a module singleton in headroom)."""
     with _compress_module._pipeline_lock:
         _compress_module._pipeline = pipeline
     if os.environ.get("HEADROOM_DETECT_BACKEND") == "python":
@@ -111,6 +127,19 @@ def cut_pointers(value: Any) -> Any:
     return value
 
 
+def renumber(value: Any, offset: int) -> Any:
+    """`value` with every dedup pointer's message number moved by `offset`."""
+    if isinstance(value, str):
+        if "same as msg" not in value:
+            return value
+        return DEDUP_POINTER.sub(lambda m: f"[↑{m.group(1)}L same as msg {int(m.group(2)) + offset}", value)
+    if isinstance(value, list):
+        return [renumber(item, offset) for item in value]
+    if isinstance(value, dict):
+        return {key: renumber(item, offset) for key, item in value.items()}
+    return value
+
+
 def resident_mb() -> float:
     """This process's resident memory, for the front end's recycle-on-growth rule."""
     with open("/proc/self/statm") as statm:
@@ -137,7 +166,9 @@ class Engine:
         """`ml_facts` come from `worker.ml.load`, which must run before headroom is first used."""
         self.ml_facts = ml_facts or {"ml_text_compression": False, "ml_reason": "not loaded"}
         self.kompress = bool(self.ml_facts["ml_text_compression"])
-        install_marker_free_pipeline(self.kompress)
+        self.pipelines = {False: marker_free_pipeline(self.kompress)}
+        use_pipeline(self.pipelines[False])
+        self.current = False
         self.version = headroom.__version__
         self._counting: dict[str, str] = {}
         self._limits: dict[str, int] = {}
@@ -160,12 +191,23 @@ class Engine:
                 raise RuntimeError(f"Kompress is loaded but left the warm-up text alone: {result.transforms_applied}")
         return (time.perf_counter() - started) * 1000
 
-    def compress(self, messages: list[Any], model: str, knobs: dict[str, Any], frozen: int = 0) -> dict[str, Any]:
+    def compress(
+        self,
+        messages: list[Any],
+        model: str,
+        knobs: dict[str, Any],
+        frozen: int = 0,
+        strong: bool = False,
+        offset: int = 0,
+    ) -> dict[str, Any]:
         """Compress `messages`, leaving the first `frozen` exactly as they are. Token counts
-        cover only the messages after the frozen ones: the front end knows the rest."""
+        cover only the messages after the frozen ones: the front end knows the rest. `strong`
+        picks the history policy's pipeline; `offset` is where `messages` start in the
+        conversation."""
         started = time.perf_counter()
         counting = self._cached(self._counting, model, counting_model)
         limit = self._cached(self._limits, model, model_limit)
+        self._select(strong)
         result = headroom.compress(messages, model=counting, model_limit=limit, frozen_message_count=frozen, **knobs)
         reply: dict[str, Any] = {"ok": True, "tokens_before": result.tokens_before, "tokens_after": result.tokens_after}
         if len(result.messages) != len(messages):
@@ -173,7 +215,7 @@ class Engine:
             reply["messages"] = result.messages
             removed = 0
         else:
-            reply["changed"], removed = self._changes(messages, result.messages)
+            reply["changed"], removed = self._changes(messages, result.messages, offset)
             if frozen or removed:
                 # headroom counts frozen messages inconsistently, and not the markers we removed.
                 reply["tokens_before"], reply["tokens_after"] = self._recount(
@@ -186,6 +228,13 @@ class Engine:
             "rss_mb": resident_mb(),
         }
 
+    def _select(self, strong: bool) -> None:
+        if strong not in self.pipelines:
+            self.pipelines[strong] = marker_free_pipeline(self.kompress, strong=True)
+        if self.current != strong:
+            use_pipeline(self.pipelines[strong])
+            self.current = strong
+
     @staticmethod
     def _cached(cache: dict[str, Any], model: str, compute: Any) -> Any:
         if model not in cache:
@@ -195,7 +244,7 @@ class Engine:
         return cache[model]
 
     @staticmethod
-    def _changes(original: list[Any], compressed: list[Any]) -> tuple[list[list[Any]], int]:
+    def _changes(original: list[Any], compressed: list[Any], offset: int = 0) -> tuple[list[list[Any]], int]:
         """Only the messages headroom changed go back over the socket; a changed one that still
         carries a retrieval marker is dropped, so its original goes upstream."""
         changed = []
@@ -203,6 +252,8 @@ class Engine:
         for index, (before, after) in enumerate(zip(original, compressed, strict=True)):
             if after is before or after == before:
                 continue
+            if offset:
+                after = renumber(after, offset)
             text = marker_text(after)
             if STALE_POINTER_TEXT in text:
                 after = cut_pointers(after)

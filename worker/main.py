@@ -59,7 +59,14 @@ def handle(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         knobs = request.get("knobs") or {}
-        reply = engine.compress(request["messages"], request.get("model") or "", knobs, int(request.get("frozen") or 0))
+        reply = engine.compress(
+            request["messages"],
+            request.get("model") or "",
+            knobs,
+            frozen=int(request.get("frozen") or 0),
+            strong=bool(request.get("strong")),
+            offset=int(request.get("offset") or 0),
+        )
     except Exception as exc:
         # compress() swallows its own errors; this is for ours (a knob headroom refused, say).
         # The worker is still healthy, so it answers and stays.

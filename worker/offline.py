@@ -87,5 +87,9 @@ def prepare(env: MutableMapping[str, str] | None = None, model_cache: str | None
     # load test's workers enough to double the overloads. Python detection is what a base install
     # runs; HEADROOM_DETECT_BACKEND=rust in the environment picks the native one.
     env.setdefault("HEADROOM_DETECT_BACKEND", "python")
+    # A file read through a shell (cat, sed -n, head) is never lossy-compressed: the agent edits
+    # against its exact bytes, and a lossy read makes it read again. Claude Code's own Read tool
+    # is protected by name already; this is the same protection for shell-based agents.
+    env.setdefault("HEADROOM_PROTECT_READS", "1")
     if "ORT_DYLIB_PATH" not in env and (library := gpu_only_ort_library()):
         env["ORT_DYLIB_PATH"] = library

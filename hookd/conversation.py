@@ -1,0 +1,172 @@
+"""One turn of a conversation: what was sent before, what the history policy makes of it, and
+what is remembered afterwards.
+
+`begin` finds the conversation's record and renders its history exactly as it was sent last turn
+(with this request's own breakpoints). `rewrite` asks the history policy whether to replace some
+of that history now, and applies its plan: new forms for the messages from the cut on, and a
+breakpoint where the unchanged prefix can still be read from the provider's cache. `end` records
+what went upstream, feeds the cache model, and says whether a new rewrite candidate should be
+made once the answer is out. In `plain` mode there is no record and none of this runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from hookd import cache_model, history, protocol, rewrites, sticky
+from hookd.compressor import Compressor, Job
+from hookd.config import Store
+from hookd.prices import Prices, resolve
+from hookd.summary import Record as Summary
+
+log = logging.getLogger("hookd")
+MIB = 1024 * 1024
+
+
+@dataclass
+class Turn:
+    key: bytes  # the conversation's record
+    session: bytes  # its worker affinity key
+    digests: bytes
+    sizes: list[int]  # each original message's size as the cache sees it
+    previous: sticky.Record | None
+    prefix: list[Any]  # the history as it goes upstream this turn
+    mode: str
+    now: float
+    prices: Prices
+    plan: history.Plan | None = None
+
+    @property
+    def strong(self) -> bool:
+        """The history policy's modes compress new messages with the strong pipeline."""
+        return self.mode in ("auto", "clear")
+
+
+class Conversations:
+    def __init__(
+        self, store: Store, compressor: Compressor, records: sticky.Records, max_bytes: int, clock: Callable[[], float]
+    ) -> None:
+        self.store = store
+        self.compressor = compressor
+        self.clock = clock
+        self.records = records
+        # Candidates hold at most half as much again as the records they belong to.
+        self.candidates = rewrites.Candidates(max_bytes // 2)
+
+    async def begin(self, session: bytes, call: protocol.HookCall) -> Turn | None:
+        mode = self.store.values["history"]
+        if mode == "plain":
+            return None
+        current, sizes = sticky.fingerprint(call.messages)
+        key = sticky.record_key(session, current)
+        previous = await self.records.lookup(key, current)
+        prefix: list[Any] = []
+        if previous is not None:
+            for index in range(previous.count):
+                stored = previous.emitted.get(index)
+                original = call.messages[index]
+                prefix.append(original if stored is None else sticky.render(stored, original))
+        prices = resolve(self.store.price_table(), call.provider, call.model)
+        return Turn(key, session, current, sizes, previous, prefix, mode, self.clock(), prices)
+
+    async def rewrite(self, turn: Turn, call: protocol.HookCall, job_for: Callable[[list[Any]], Job]) -> None:
+        """Apply the history policy to this turn's history (modes auto and clear)."""
+        previous = turn.previous
+        if not turn.strong or previous is None or not previous.count:
+            return
+        knobs = self.store.history_knobs()
+        sizes = history.sent_sizes(previous.emitted, turn.sizes, previous.count)
+        sent = [sticky.strip_cache_control(m) for m in turn.prefix]
+        cold = cache_model.cold(previous.cache, turn.prices, turn.now)
+        candidate = self.candidates.get(turn.key, previous)
+        if candidate is not None:
+            forms = candidate.decoded()
+        elif cold:
+            # Nothing made ahead of time, and the provider writes everything again anyway: this
+            # is the one time a rewrite is free, worth a worker's time inside the request.
+            forms = await self._candidate_now(job_for(sent), sent)
+        else:
+            return
+        chosen = history.choose(knobs, forms, sent, sizes, call.messages)
+        if cold:
+            plan = history.plan_cold(knobs, chosen, sizes)
+        else:
+            plan = history.plan_batch(knobs, chosen, sizes, previous.cache, turn.prices, turn.now)
+        if plan is not None:
+            self._apply(turn, call, plan)
+
+    async def _candidate_now(self, job: Job, sent: list[Any]) -> dict[int, Any]:
+        try:
+            result = await self.compressor.compress(job)
+        except Exception as exc:
+            log.info("no cold rewrite this turn: %s", exc)
+            return {}
+        if result.tokens_before <= 0 or len(result.messages) != len(sent):
+            return {}
+        return {i: form for i, form in enumerate(result.messages) if form is not sent[i]}
+
+    def _apply(self, turn: Turn, call: protocol.HookCall, plan: history.Plan) -> None:
+        count = len(turn.prefix)
+        messages = [*turn.prefix, *call.messages[count:]]
+        for index, form in plan.forms.items():
+            messages[index] = sticky.mark(_copy(form), call.messages[index])
+        if plan.reason == "batch" and turn.prices.breakpoints and cache_model.has_breakpoints(call.body, messages):
+            entries = turn.previous.cache.entries if turn.previous else []
+            long = any(e.long for e in entries if e.boundary == plan.read_point)
+            head = len(cache_model.marks(call.body, []))
+            if not cache_model.place_breakpoint(messages, plan.read_point, long, head):
+                log.info("no room for a breakpoint at message %d; the rewrite waits", plan.read_point)
+                return
+        turn.prefix = messages[:count]
+        # A breakpoint that gave way was the client's, on a new message: the new messages carry
+        # the request's breakpoints as they are now.
+        call.messages[count:] = messages[count:]
+        turn.plan = plan
+
+    async def end(
+        self, turn: Turn, call: protocol.HookCall, sent: list[Any] | None, counts: tuple[int, int], rec: Summary
+    ) -> Callable[[], Awaitable[None]] | None:
+        """Record what went upstream (`sent`; None when the history could not be sent as
+        recorded, which forgets the conversation). Returns the background work to do once the
+        answer is out: a new rewrite candidate, when one is due."""
+        if sent is None:
+            await self.records.forget(turn.key)
+            return None
+        start = turn.plan.start if turn.plan is not None else None
+        record = sticky.remember(turn.previous, turn.digests, call.messages, sent, start)
+        record.tokens_before, record.tokens_after = counts
+        unchanged = turn.plan.start if turn.plan is not None else (turn.previous.count if turn.previous else 0)
+        cache_model.observe(record.cache, turn.prices, turn.now, cache_model.marks(call.body, sent), unchanged)
+        if turn.plan is not None:
+            record.generation += 1
+            record.cache.last_rewrite = record.cache.requests
+            rec.rewrite, rec.rewrite_msgs, rec.rewrite_tokens = (
+                turn.plan.reason,
+                len(turn.plan.forms),
+                turn.plan.saved_tokens,
+            )
+        if not await self.records.commit(turn.key, record, turn.previous):
+            # Another turn of this conversation was recorded meanwhile (another replica): this
+            # one was answered from what it read, and the record stays theirs.
+            return None
+        history_bytes = sum(history.sent_sizes(record.emitted, turn.sizes, record.count))
+        if not turn.strong or not self.candidates.due(turn.key, record, history_bytes):
+            return None
+        messages = [sticky.strip_cache_control(m) for m in sent]
+        job = Job(messages=messages, model=call.model, key=turn.session, knobs=self.knobs(), strong=True)
+        return lambda: self.candidates.refresh(self.compressor, turn.key, job, record)
+
+    def knobs(self) -> dict[str, Any]:
+        """headroom's knobs for the history policy's jobs: file reads are protected by kind (see
+        worker.offline), so recent output need not wait to leave a protected window."""
+        return {**self.store.compress_knobs(), "protect_recent": 0}
+
+
+def _copy(form: Any) -> Any:
+    """A fresh copy: sticky.mark writes breakpoints into the message it is given."""
+    return orjson.loads(orjson.dumps(form))
