@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from hookd.prices import Prices
+from hookd.prices import Prices, Usage
 from worker import offline
 
 LOOKBACK = 20
@@ -51,34 +51,6 @@ class Meter:
 
     def count(self, piece: bytes) -> int:
         return len(self.tokens(piece))
-
-
-@dataclass
-class Usage:
-    """One request's input as the provider bills it, in tokens by kind."""
-
-    input: int = 0
-    cache_read: int = 0
-    cache_write: int = 0
-    cache_write_long: int = 0
-
-    def cost(self, prices: Prices) -> float:
-        return (
-            self.input
-            + prices.read * self.cache_read
-            + prices.write * self.cache_write
-            + prices.write_long * self.cache_write_long
-        )
-
-    @property
-    def total(self) -> int:
-        return self.input + self.cache_read + self.cache_write + self.cache_write_long
-
-    def add(self, other: Usage) -> None:
-        self.input += other.input
-        self.cache_read += other.cache_read
-        self.cache_write += other.cache_write
-        self.cache_write_long += other.cache_write_long
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hookd.prices import Prices
+from hookd.prices import Prices, Usage
 
 # A cache counts as cold only this long past its TTL (clock skew, requests still in flight), and
 # an entry is trusted for reading only while it has this long left.
@@ -113,6 +113,39 @@ def value(prices: Prices, state: CacheState, saved: float, rewritten: float, mar
     `rewritten` tokens written again instead of read, weighted by `margin` for the estimate's
     uncertainty."""
     return (remaining(state) + 1) * prices.read * saved - margin * (prices.write - prices.read) * rewritten
+
+
+def estimate(
+    state: CacheState,
+    prices: Prices,
+    now: float,
+    head: int,
+    sizes: list[int],
+    sent: list[tuple[int, bool]],
+    unchanged: int,
+) -> Usage:
+    """The bill the model expects for a request before it is sent: `head` tokens of tools and
+    system, messages of `sizes` tokens, breakpoints at `sent`, the first `unchanged` messages as
+    they were last time. By message, not by content block: an estimate for when the provider's
+    own usage does not reach hookd."""
+    ends = [head]
+    for size in sizes:
+        ends.append(ends[-1] + size)
+    hit = read_point(state, prices, min(unchanged, len(sizes)), now)
+    read = ends[hit] if hit is not None else 0
+    if not prices.breakpoints:
+        return Usage(cache_read=read, input=ends[-1] - read)
+    if not sent or ends[max(b for b, _ in sent)] < prices.min_tokens:
+        return Usage(input=ends[-1])
+    last = max(b for b, _ in sent)
+    written = max(0, ends[last] - read)
+    long = any(is_long for boundary, is_long in sent if boundary == last)
+    return Usage(
+        cache_read=min(read, ends[last]),
+        cache_write=0 if long else written,
+        cache_write_long=written if long else 0,
+        input=ends[-1] - max(ends[last], read),
+    )
 
 
 def marks(body: dict[str, Any], messages: list[Any]) -> list[tuple[int, bool]]:

@@ -21,6 +21,7 @@ import orjson
 from hookd import cache_model, history, protocol, rewrites, sticky
 from hookd.compressor import Compressor, Job
 from hookd.config import Store
+from hookd.ledger import Facts
 from hookd.prices import Prices, resolve
 from hookd.summary import Record as Summary
 
@@ -40,6 +41,7 @@ class Turn:
     now: float
     prices: Prices
     plan: history.Plan | None = None
+    facts: Facts | None = None  # set by `end`: what this request's bill should show
 
     @property
     def strong(self) -> bool:
@@ -141,7 +143,9 @@ class Conversations:
         record = sticky.remember(turn.previous, turn.digests, call.messages, sent, start)
         record.tokens_before, record.tokens_after = counts
         unchanged = turn.plan.start if turn.plan is not None else (turn.previous.count if turn.previous else 0)
-        cache_model.observe(record.cache, turn.prices, turn.now, cache_model.marks(call.body, sent), unchanged)
+        marks = cache_model.marks(call.body, sent)
+        turn.facts = self.facts(turn, call, record, marks, unchanged)
+        cache_model.observe(record.cache, turn.prices, turn.now, marks, unchanged)
         if turn.plan is not None:
             record.generation += 1
             record.cache.last_rewrite = record.cache.requests
@@ -161,10 +165,59 @@ class Conversations:
         job = Job(messages=messages, model=call.model, key=turn.session, knobs=self.knobs(), strong=True)
         return lambda: self.candidates.refresh(self.compressor, turn.key, job, record)
 
+    def facts(
+        self,
+        turn: Turn,
+        call: protocol.HookCall,
+        record: sticky.Record,
+        marks: list[tuple[int, bool]],
+        unchanged: int,
+    ) -> Facts:
+        """What this request's bill should show, with hookd and without it (see hookd.ledger)."""
+        previous = turn.previous
+        state = previous.cache if previous is not None else cache_model.CacheState()
+        warm = previous is not None and not cache_model.cold(state, turn.prices, turn.now)
+        removed_before = previous.tokens_before - previous.tokens_after if previous is not None else 0
+        removed = record.tokens_before - record.tokens_after
+        rewritten = 0
+        if turn.plan is not None and turn.plan.reason == "batch":
+            tail = history.sent_sizes(record.emitted, turn.sizes, previous.count if previous else 0)
+            rewritten = round(sum(tail[turn.plan.read_point :]) / history.BYTES_PER_TOKEN)
+        head = _tokens(len(orjson.dumps([call.body.get("tools"), call.body.get("system")])))
+        sent_tokens = [_tokens(size) for size in history.sent_sizes(record.emitted, turn.sizes, record.count)]
+        original_tokens = [_tokens(size) for size in turn.sizes]
+        originally = previous.count if previous is not None else 0
+        return Facts(
+            provider=call.provider,
+            model=call.model,
+            user=call.user,
+            tokens_before=record.tokens_before,
+            tokens_after=record.tokens_after,
+            removed_cached=removed_before if warm else 0,
+            removed_new=removed - (removed_before if warm else 0),
+            rewritten=rewritten,
+            modelled=cache_model.estimate(state, turn.prices, turn.now, head, sent_tokens, marks, unchanged),
+            modelled_without=cache_model.estimate(
+                state,
+                turn.prices,
+                turn.now,
+                head,
+                original_tokens,
+                cache_model.marks(call.body, call.messages),
+                originally,
+            ),
+            read_price=turn.prices.read,
+            write_price=turn.prices.write,
+        )
+
     def knobs(self) -> dict[str, Any]:
         """headroom's knobs for the history policy's jobs: file reads are protected by kind (see
         worker.offline), so recent output need not wait to leave a protected window."""
         return {**self.store.compress_knobs(), "protect_recent": 0}
+
+
+def _tokens(size: int) -> int:
+    return round(size / history.BYTES_PER_TOKEN)
 
 
 def _copy(form: Any) -> Any:

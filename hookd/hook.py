@@ -23,6 +23,7 @@ from hookd.affinity import session_key
 from hookd.compressor import Compressor, CompressorError, Job, Overloaded, Result
 from hookd.config import Store
 from hookd.conversation import Conversations, Turn
+from hookd.ledger import Facts, Ledger
 from hookd.metrics import Metrics
 from hookd.settings import Settings
 
@@ -102,6 +103,8 @@ class Hook:
         if records is None:
             records = sticky.Memory(sticky.Store(max_bytes, settings.sticky_ttl, clock))
         self.conversations = Conversations(store, compressor, records, max_bytes, clock)
+        # What each answered request did, for the provider's usage events to be matched to.
+        self.ledger = Ledger()
         metrics.sticky_bytes.set_function(lambda: records.bytes)
         metrics.sticky_conversations.set_function(lambda: len(records))
         # Set when a shutdown's drain time is up: calls still running are answered allow.
@@ -228,6 +231,8 @@ class Hook:
             if answer.outcome not in ("modify", "allow(noop)") and changed:
                 answer = self.history_only(call, turn, answer, rec)
             answer.after = await self.remember(turn, call, answer, rec)
+        facts = turn.facts if turn is not None and turn.facts else plain_facts(call, rec, answer.outcome)
+        self.ledger.note(call.request_id, facts)
         return answer
 
     def history_only(self, call: protocol.HookCall, turn: Turn, failed: Answer, rec: summary.Record) -> Answer:
@@ -399,6 +404,12 @@ class Hook:
             return task.result()
         task.add_done_callback(_ignore_outcome)
         raise Draining
+
+
+def plain_facts(call: protocol.HookCall, rec: summary.Record, outcome: str) -> Facts:
+    """Plain mode keeps no record of what was sent before, so it can say only what it removed."""
+    removed = rec.tokens_in - rec.tokens_out if outcome.startswith("modify") else 0
+    return Facts(call.provider, call.model, call.user, rec.tokens_in, rec.tokens_in - removed, 0, removed, 0)
 
 
 def _ignore_outcome(task: asyncio.Future[Any]) -> None:

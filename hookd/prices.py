@@ -54,6 +54,35 @@ DEFAULT_TABLE: dict[str, Prices] = {
     "default": Prices(read=0.5, write=1.0, write_long=1.0, ttl=FIVE_MINUTES, ttl_long=ONE_HOUR, breakpoints=False),
 }
 FIELDS = tuple(asdict(ANTHROPIC))
+
+
+@dataclass
+class Usage:
+    """One request's input as a provider bills it, in tokens by kind."""
+
+    input: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    cache_write_long: int = 0
+
+    def cost(self, prices: Prices) -> float:
+        """In input-token equivalents."""
+        return (
+            self.input
+            + prices.read * self.cache_read
+            + prices.write * self.cache_write
+            + prices.write_long * self.cache_write_long
+        )
+
+    @property
+    def total(self) -> int:
+        return self.input + self.cache_read + self.cache_write + self.cache_write_long
+
+    def add(self, other: Usage) -> None:
+        self.input += other.input
+        self.cache_read += other.cache_read
+        self.cache_write += other.cache_write
+        self.cache_write_long += other.cache_write_long
 MAX_ROWS = 64
 MAX_ROW_NAME = 64
 

@@ -32,6 +32,10 @@ class HookCall:
     model: str
     provider: str
     session_id: str
+    # Aperture's id for this request (matches its later `entire_request` event) and the user's
+    # login; either may be empty.
+    request_id: str = ""
+    user: str = ""
 
 
 def parse(decoded: bytes | bytearray) -> HookCall:
@@ -64,6 +68,8 @@ def parse(decoded: bytes | bytearray) -> HookCall:
         model=_text(metadata.get("model")) or _text(body.get("model")),
         provider=_text(metadata.get("provider")),
         session_id=_text(metadata.get("session_id")),
+        request_id=_text(metadata.get("request_id")),
+        user=_text(metadata.get("login_name")),
     )
 
 

@@ -17,6 +17,7 @@ in memory only, bounded by bytes and age.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from collections import OrderedDict
@@ -242,6 +243,6 @@ def remember(
         emitted=emitted,
         tokens_before=previous.tokens_before if previous else 0,
         tokens_after=previous.tokens_after if previous else 0,
-        cache=previous.cache if previous else CacheState(),
+        cache=copy.deepcopy(previous.cache) if previous else CacheState(),
         generation=previous.generation if previous else 0,
     )
