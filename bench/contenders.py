@@ -2,8 +2,9 @@
 
 This module owns starting, calling and stopping each contender: the in-process floor, hookd (sticky
 or plain, with or without affinity, pool = CPU count), headroom's own proxy (`headroom proxy`,
-`POST /v1/compress` in its default marker-free mode, offline and stateless, on loopback) and the
-naive aiohttp server. Every HTTP contender is sent `Accept-Encoding: gzip`, as Go's client (so
+`POST /v1/compress` in its default marker-free mode, offline and stateless, on loopback), the
+naive aiohttp server, and two hookd replicas sharing state in Redis behind haproxy (where both are
+installed). Every HTTP contender is sent `Accept-Encoding: gzip`, as Go's client (so
 Aperture) sends it, and is timed from the first byte sent to the last byte of the answer read.
 """
 
@@ -28,6 +29,7 @@ import orjson
 from bench import workloads
 from bench.floor import Floor
 from bench.replay import LineTap
+from tests import deployment
 from tests.hookd_process import Hookd, free_port
 from worker import offline
 
@@ -152,10 +154,7 @@ class HookdContender(HttpContender):
         return call.hook_body
 
     def sent_messages(self, call: workloads.Call, answer: Answer) -> list[Any]:
-        reply = orjson.loads(answer.body)
-        if reply.get("action") == "modify":
-            return list(reply["request_body"]["messages"])
-        return list(orjson.loads(call.messages))
+        return hook_sent_messages(call, answer)
 
     async def server_lines(self, count: int) -> list[dict[str, Any]]:
         # The -v lines: where the time went inside hookd, and which worker served the turn.
@@ -164,6 +163,60 @@ class HookdContender(HttpContender):
     def stop(self) -> None:
         self.hookd.stop()
         self.state.cleanup()
+
+
+def hook_sent_messages(call: workloads.Call, answer: Answer) -> list[Any]:
+    """What goes upstream after a hook's answer: its messages on `modify`, else the request's."""
+    reply = orjson.loads(answer.body)
+    if reply.get("action") == "modify":
+        return list(reply["request_body"]["messages"])
+    return list(orjson.loads(call.messages))
+
+
+# -- two replicas with shared state ------------------------------------------------------------
+
+
+class Replicas(HttpContender):
+    """Two hookd replicas sharing conversation state in Redis behind haproxy, on this machine, with
+    as many workers between them as the single hookd has (`bench.cluster`)."""
+
+    key, label = "hookd_replicas", "hookd x2 + Redis + haproxy"
+
+    def start(self) -> None:
+        self.home = tempfile.TemporaryDirectory(prefix="bench-replicas-")
+        ready = Path(self.home.name) / "url"
+        self.log = open(Path(self.home.name) / "cluster.log", "wb")  # noqa: SIM115 (closed in stop)
+        pool = str(max(1, (os.cpu_count() or 1) // 2))
+        command = [sys.executable, "-m", "bench.cluster", "--pool-size", pool, "--ready", str(ready)]
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.label} did not start: {Path(self.log.name).read_text()[-2000:]}")
+            time.sleep(0.1)
+        self._url = ready.read_text()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def body(self, call: workloads.Call) -> bytes:
+        return call.hook_body
+
+    def sent_messages(self, call: workloads.Call, answer: Answer) -> list[Any]:
+        return hook_sent_messages(call, answer)
+
+    def stop(self) -> None:
+        deployment.terminate(self.proc, grace=60)
+        self.log.close()
+        self.home.cleanup()
+
+
+# -- servers taking {"messages", "model"} ------------------------------------------------------
 
 
 class ServiceContender(HttpContender):
@@ -271,4 +324,6 @@ def all_contenders() -> list[Contender]:
         HookdContender("hookd_plain_noaff", "hookd plain --no-affinity", affinity=False, sticky=False),
         HeadroomProxy(),
         NaiveServer(),
+        # Where redis-server and haproxy are installed (scripts/test installs them as root).
+        *([Replicas()] if deployment.missing() is None else []),
     ]

@@ -8,14 +8,21 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from hookd.auth import TokenFileError, is_loopback_host, read_token
+from hookd.seal import KeyFileError, read_key
 from hookd.settings import Settings, default_pool_size
 from worker.ml import MODES as ML_MODES
 
 ENV_PREFIX = "HOOKD_"
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
+STATE_SCHEMES = ("redis", "rediss", "unix")
+
+
+class StateError(Exception):
+    """The shared-state flags do not make a usable, private setup."""
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -266,7 +273,66 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=env_flag(env, "ALLOW_UNAUTHENTICATED"),
         help="allow listening on a non-loopback address without --token-file",
     )
+    parser.add_argument(
+        "--state-url",
+        type=state_url,
+        default=env_value(env, "STATE_URL", state_url, None),
+        metavar="URL",
+        help="share conversation records between replicas in Redis: redis://[USER[:PASSWORD]@]HOST:PORT/DB, "
+        "rediss:// for TLS, or unix:///PATH (default: this process's memory only); needs --state-key-file",
+    )
+    parser.add_argument(
+        "--state-key-file",
+        type=Path,
+        default=env_value(env, "STATE_KEY_FILE", Path, None),
+        metavar="PATH",
+        help="at least 32 random bytes (openssl rand -base64 32) sealing every value hookd puts in Redis; "
+        "the same file on every replica",
+    )
+    parser.add_argument(
+        "--state-password-file",
+        type=Path,
+        default=env_value(env, "STATE_PASSWORD_FILE", Path, None),
+        metavar="PATH",
+        help="Redis password (for the URL's user, or the default user), instead of one in --state-url",
+    )
+    parser.add_argument(
+        "--state-timeout",
+        type=positive_float,
+        default=env_value(env, "STATE_TIMEOUT", positive_float, 0.05),
+        metavar="SECONDS",
+        help="longest one request waits on Redis, all its calls together; past it the turn is served "
+        "from this replica's memory (default %(default)s)",
+    )
     return parser
+
+
+def state_url(value: str) -> str:
+    scheme = urlsplit(value).scheme
+    if scheme not in STATE_SCHEMES:
+        raise argparse.ArgumentTypeError(f"must be a {', '.join(s + '://' for s in STATE_SCHEMES)} URL")
+    return value
+
+
+def shared_state(args: argparse.Namespace) -> dict[str, Any]:
+    """The shared-state settings, or why they cannot be used (StateError)."""
+    if args.state_url is None:
+        if args.state_key_file or args.state_password_file:
+            raise StateError("--state-key-file and --state-password-file need --state-url")
+        return {}
+    if args.state_key_file is None:
+        raise StateError(
+            "refusing --state-url without --state-key-file: conversation records hold request content, "
+            "and go to Redis only sealed with a key (make one with: openssl rand -base64 32 > FILE)"
+        )
+    try:
+        key = read_key(args.state_key_file)
+        password = read_token(args.state_password_file)
+    except (KeyFileError, TokenFileError) as exc:
+        raise StateError(str(exc)) from None
+    if password is not None and urlsplit(args.state_url).password is not None:
+        raise StateError("give the Redis password in --state-url or in --state-password-file, not both")
+    return {"state_url": args.state_url, "state_key": key, "state_password": password}
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -278,6 +344,10 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         hook_token = read_token(args.token_file)
         admin_token = read_token(args.admin_token_file)
     except TokenFileError as exc:
+        parser.error(str(exc))
+    try:
+        state = shared_state(args)
+    except StateError as exc:
         parser.error(str(exc))
     if not is_loopback_host(host) and hook_token is None and not args.allow_unauthenticated:
         parser.error(
@@ -309,6 +379,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         sticky_ttl=args.sticky_ttl,
         hook_token=hook_token,
         admin_token=admin_token,
+        state_timeout=args.state_timeout,
+        **state,
     )
 
 

@@ -14,6 +14,7 @@ from hookd.summary import Record
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STATE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 BYTES_BUCKETS = tuple(float(2**p) for p in range(10, 27, 2))  # 1 KiB .. 64 MiB
 KNOWN_PROVIDERS = frozenset(
     {
@@ -138,6 +139,37 @@ class Metrics:
         )
         self.markers_removed = Counter(
             "hookd_retrieval_markers_removed", "Retrieval markers kept out of answers", registry=r
+        )
+
+        # Shared conversation state (--state-url): Redis's health as the requests saw it.
+        self.state_duration = Histogram(
+            "hookd_state_call_seconds", "Redis calls, by operation", ["op"], buckets=STATE_BUCKETS, registry=r
+        )
+        self.state_errors = Counter(
+            "hookd_state_errors",
+            "Redis calls that failed (the turn went on without them), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.state_skipped = Counter(
+            "hookd_state_skipped", "Redis calls not made: breaker open or the request's allowance spent", registry=r
+        )
+        self.state_available = Gauge(
+            "hookd_state_available",
+            "1 while the shared state (--state-url) answers; 0 without one or while its breaker is open",
+            registry=r,
+        )
+        self.state_lookups = Counter(
+            "hookd_state_lookups",
+            "Conversation lookups by where the record came from (local, shared, none, unavailable)",
+            ["source"],
+            registry=r,
+        )
+        self.state_conflicts = Counter(
+            "hookd_state_conflicts", "Turns not recorded: another replica recorded the conversation first", registry=r
+        )
+        self.state_fetched_bytes = Counter(
+            "hookd_state_fetched_bytes", "Sealed record bytes fetched from Redis", registry=r
         )
 
     def observe(self, rec: Record) -> None:

@@ -13,6 +13,8 @@ import logging
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +26,8 @@ from hookd.hook import Hook
 from hookd.metrics import Metrics
 from hookd.sdnotify import Notifier
 from hookd.settings import Settings
+from hookd.shared_state import open_records
+from hookd.sticky import Records
 
 log = logging.getLogger("hookd")
 # Answers already decided when the drain time ran out still need a moment to be written.
@@ -34,10 +38,18 @@ ADMIN = web.AppKey("admin", Admin)
 HOOK = web.AppKey("hook", Hook)
 
 
-def build_app(settings: Settings, compressor: Compressor, metrics: Metrics, store: Store) -> web.Application:
+def build_app(
+    settings: Settings,
+    compressor: Compressor,
+    metrics: Metrics,
+    store: Store,
+    clock: Callable[[], float] = time.time,
+    records: Records | None = None,
+) -> web.Application:
+    """`records`: where conversation records live (this process's memory unless given)."""
     app = web.Application()
     admin = Admin(settings, compressor, metrics, store)
-    hook = Hook(settings, compressor, metrics, store)
+    hook = Hook(settings, compressor, metrics, store, clock, records)
     admin.routes(app)
     # The hook answers on every other path: the operator picks the URL in Aperture's config.
     app.router.add_route("*", "/{tail:.*}", hook.hook)
@@ -73,7 +85,7 @@ async def run(settings: Settings) -> int:
     store = Store(settings.state_dir, settings.affinity_wait)
     metrics = Metrics()
     pool = WorkerPool(settings, metrics)
-    app = build_app(settings, pool, metrics, store)
+    app = build_app(settings, pool, metrics, store, records=await open_records(settings, metrics))
     notifier = Notifier()
     runner = await start_site(app, settings)
     log.info("listening on http://%s:%d/ with %d workers", settings.host, settings.port, settings.pool_size)

@@ -78,6 +78,14 @@ class Settings:
     # Tokens, read from files at start-up; kept out of repr so they never reach a log.
     hook_token: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
+    # Conversation records shared by every replica in Redis (None: this process's memory only).
+    # The URL may carry a password, and the key seals every value: none of them in a repr.
+    state_url: str | None = field(default=None, repr=False)
+    state_password: str | None = field(default=None, repr=False)
+    state_key: bytes | None = field(default=None, repr=False)
+    # The longest one request waits on Redis, all its calls together: Redis saves the provider
+    # cache, never the request, so it may not cost the request more than this.
+    state_timeout: float = 0.05
 
     @property
     def onnx_threads(self) -> int:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,22 @@ def free_port() -> int:
 class Hookd:
     """`hookd` on a free loopback port; stdout (-v lines) and stderr are collected in memory."""
 
-    def __init__(self, *flags: str, state_dir: Path, env: dict[str, str] | None = None, pool_size: int = 2) -> None:
+    def __init__(
+        self,
+        *flags: str,
+        state_dir: Path,
+        env: dict[str, str] | None = None,
+        pool_size: int = 2,
+        port: int | None = None,
+        launcher: Sequence[str] = ("-m", "hookd"),
+        pass_fds: Sequence[int] = (),
+    ) -> None:
+        """`port` shares a port another hookd (or a test's own socket) holds; `launcher` replaces
+        `-m hookd` (a `-c` script that execs hookd, say), and `pass_fds` stay open in it."""
         self.state_dir = state_dir
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.url = f"http://127.0.0.1:{self.port}/"
-        args = [sys.executable, "-m", "hookd", "-v", "--listen", f"127.0.0.1:{self.port}"]
+        args = [sys.executable, *launcher, "-v", "--listen", f"127.0.0.1:{self.port}"]
         args += ["--pool-size", str(pool_size), "--state-dir", str(state_dir), *flags]
         self.proc = subprocess.Popen(
             args,
@@ -37,6 +49,7 @@ class Hookd:
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
             text=True,
+            pass_fds=pass_fds,
         )
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -76,6 +89,18 @@ class Hookd:
                 raise TimeoutError(f"no -v line {index} after {timeout} s (have {len(self.stdout)})")
             time.sleep(0.01)
         return self.stdout[index]
+
+    def wait_log(self, text: str, timeout: float = 180.0) -> str:
+        """The first stderr line holding `text`, waiting for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = next((line for line in list(self.stderr) if text in line), None)
+            if found is not None:
+                return found
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hookd exited with {self.proc.returncode}: {''.join(self.stderr)[-2000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"no {text!r} on hookd's stderr after {timeout} s: {''.join(self.stderr)[-2000:]}")
 
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.get("/readyz")[1]["workers"] if "pid" in w]

@@ -13,11 +13,13 @@ from typing import Any
 import orjson
 import pytest
 
-from tests import corpus
+from tests import corpus, deployment
 
 pytestmark = [pytest.mark.corpus, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
-CONTENDERS = {"inprocess", "hookd", "hookd_noaff", "hookd_plain", "hookd_plain_noaff", "proxy", "naive"}
+CONTENDERS = {"inprocess", "hookd", "hookd_noaff", "hookd_plain", "hookd_plain_noaff", "proxy", "naive"} | (
+    {"hookd_replicas"} if deployment.missing() is None else set()
+)
 PLOTS = {"latency_vs_size.png", "throughput_vs_concurrency.png", "latency_per_turn.png"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

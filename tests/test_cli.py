@@ -35,6 +35,10 @@ FLAGS = [
     "--ml-threads",
     "--ml-budget",
     "--model-cache",
+    "--state-url",
+    "--state-key-file",
+    "--state-password-file",
+    "--state-timeout",
 ]
 
 
