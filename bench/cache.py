@@ -14,8 +14,9 @@ whole session, and never changed, so perfectly cache-stable).
 Each request is billed by `bench.billing` under the provider's real rules (Anthropic breakpoints,
 lookback, 5 min / 1 h entries; automatic prefix caching elsewhere) at the prices of
 `hookd.prices`; `bench.quality` scores how much of what the agent went on to use from tool output
-was still visible, and a span that was visible only in output a policy cleared is charged as a
-re-read (the request read again from cache, the output written again). Prefix stability counts the
+was still visible, and the first time a span was visible only in output a policy cleared, that
+output is charged as a re-read (one more request: the prefix read again from cache, the output
+written again), once per output and session. Prefix stability counts the
 turns whose already-sent messages changed, by the reason hookd's `-v` line gives (`rewrite=batch`,
 `rewrite=cold`, a fresh record) or none ("unexplained", which should never happen).
 """
@@ -98,6 +99,9 @@ class Bill:
             self.spans.setdefault(span.request, []).append(span)
         self.plain = plain
         self.previous: list[bytes] | None = None
+        self.unfolded: dict[str, str] = {}
+        # An agent that finds an output gone calls the tool again once; from then on it has it.
+        self.reread: set[str] = set()
         self.result = SessionResult()
 
     def take(self, index: int, body: dict[str, Any], sent: list[Any], now: float, line: str = "") -> None:
@@ -125,14 +129,13 @@ class Bill:
         return "unexplained"
 
     def _score(self, spans: list[quality.Span], sent: list[Any], usage: billing.Usage) -> None:
-        text = quality.visible_text(sent)
+        text = quality.visible_text(sent, self.unfolded)
         cleared = cleared_outputs(sent)
-        charged: set[str] = set()
         for span in spans:
             seen = span.text in text
             self.result.score.add(span, seen)
-            if not seen and span.source in cleared and span.source not in charged:
-                charged.add(span.source)
+            if not seen and span.source in cleared and span.source not in self.reread:
+                self.reread.add(span.source)
                 self.result.rereads += 1
                 output_tokens = round(cleared[span.source] / history.BYTES_PER_TOKEN)
                 self.result.reread_cost += self.prices.read * usage.total + self.prices.write * output_tokens

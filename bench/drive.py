@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 
 from bench import procs
-from bench.cache import Meter
+from bench.billing import Meter
 from bench.contenders import Answer, Contender, HookdContender, has_marker
 from bench.progress import Progress
 from bench.replay import attach_lines

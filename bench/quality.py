@@ -14,7 +14,10 @@ Code prefixes every line of a file read with its number and a tab or arrow; that
 out before matching, on both sides.
 
 A policy is scored by the share of evidence (by length) still visible in what it sent for the
-request just before the message, i.e. in the prompt the model answered. An edit whose `old_string`
+request just before the message, i.e. in the prompt the model answered. What matters is whether the
+information was there, so headroom's lossless folds count as visible: a path listing folded under
+its directories, grep hits under their file, repeated lines collapsed into a count are unfolded
+with headroom's own exact inverses before matching. An edit whose `old_string`
 is gone predicts a failed edit or a re-read; a span that was visible only in tool output a policy
 cleared predicts a re-read of that tool call, which `bench.cache` charges in the bill.
 """
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from headroom.transforms import lossless_compaction
 
 LINE_NUMBER = re.compile(r"^ *\d+(?:→|\t)", re.MULTILINE)
 BACKTICKED = re.compile(r"`([^`\n]{3,200})`")
@@ -37,6 +41,12 @@ PATH_WORD = re.compile(r"[A-Za-z0-9_.~/-]*/[A-Za-z0-9_.~/-]+")
 WHOLE_INPUTS = ("old_string", "file_path", "path", "notebook_path", "pattern", "glob", "url", "query")
 COMMAND_INPUTS = ("command", "cmd")
 AGE_BUCKETS = ((0, 1, "0-1"), (2, 5, "2-5"), (6, 20, "6-20"), (21, 10**9, "21+"))
+UNFOLDS = (
+    lossless_compaction.path_unheading,
+    lossless_compaction.search_unheading,
+    lossless_compaction.search_dir_unheading,
+    lossless_compaction.expand_runs,
+)
 
 
 @dataclass(frozen=True)
@@ -122,9 +132,16 @@ def strings(value: Any) -> Iterator[str]:
             yield from strings(item)
 
 
-def visible_text(messages: list[Any]) -> str:
-    """All the text a request shows the model, line numbers of file reads taken out."""
-    return unnumbered("\0".join(strings(messages)))
+def visible_text(messages: list[Any], unfolded: dict[str, str] | None = None) -> str:
+    """All the text a request shows the model, line numbers of file reads taken out, with every
+    lossless fold undone (`unfolded` caches that work across the requests of a session)."""
+    cache = {} if unfolded is None else unfolded
+    parts = []
+    for text in strings(messages):
+        if text not in cache:
+            cache[text] = "\0".join({text, *(unfold(text) for unfold in UNFOLDS)})
+        parts.append(cache[text])
+    return unnumbered("\0".join(parts))
 
 
 @dataclass
@@ -241,9 +258,10 @@ def score(spans: list[Span], sent: list[list[Any]]) -> tuple[Score, list[Span]]:
     result = Score()
     lost: list[Span] = []
     texts: dict[int, str] = {}
+    unfolded: dict[str, str] = {}
     for span in spans:
         if span.request not in texts:
-            texts = {span.request: visible_text(sent[span.request])}
+            texts = {span.request: visible_text(sent[span.request], unfolded)}
         seen = span.text in texts[span.request]
         result.add(span, seen)
         if not seen:

@@ -321,10 +321,11 @@ async def hookd_turn(
     return posted | {"server": server}
 
 
-def start_hookd(state_dir: str, *flags: str, sticky: bool = True) -> tuple[Hookd, float]:
-    if not sticky:
-        # Plain per-turn compression (tsheadroom's behaviour): hookd reads this at start-up.
-        (Path(state_dir) / "settings.json").write_text('{"sticky": false}')
+def start_hookd(state_dir: str, *flags: str, history: str | None = None) -> tuple[Hookd, float]:
+    """hookd with its default history policy, or `history` (hookd reads its settings file at
+    start-up)."""
+    if history is not None:
+        (Path(state_dir) / "settings.json").write_text(f'{{"history": "{history}"}}')
     started = time.monotonic()
     hookd = Hookd(*flags, state_dir=Path(state_dir), pool_size=POOL_SIZE)
     try:
@@ -338,12 +339,12 @@ def start_hookd(state_dir: str, *flags: str, sticky: bool = True) -> tuple[Hookd
 # -- part 1: one session, in-process vs hookd -----------------------------------------------------
 
 
-def run_replay(session: Session, sticky: bool) -> dict[str, Any]:
+def run_replay(session: Session, history: str | None) -> dict[str, Any]:
     inproc = InProcess(session)
     try:
         with tempfile.TemporaryDirectory() as state:
             # Both warm up at once: nothing is measured yet, and it saves a warm-up's wall time.
-            hookd, ready_s = start_hookd(state, sticky=sticky)
+            hookd, ready_s = start_hookd(state, history=history)
             try:
                 child = inproc.wait_ready()
                 measured = asyncio.run(replay_phases(session, inproc, hookd))
@@ -903,7 +904,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--plain",
         action="store_true",
-        help="replay through hookd with sticky mode off (plain per-turn compression, as tsheadroom does)",
+        help="replay through hookd in plain mode (whole history compressed every turn, as tsheadroom does)",
     )
     return parser.parse_args(argv)
 
@@ -916,14 +917,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     pair = [load_session(name, cap) for name in pick_pair(rows)]
     results: dict[str, Any] = {
         "quick": args.quick,
-        "hookd_mode": "plain" if args.plain else "sticky",
+        "hookd_mode": "plain" if args.plain else "default",
         "command": shlex.join([sys.executable, "-m", "bench.replay", *argv]),
         "cwd": os.getcwd(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "machine": machine_info(),
         "pair": [{"name": s.name, "turns": s.turns, "slot": s.slot} for s in pair],
     }
-    results["replay"] = run_replay(replay_session, sticky=not args.plain)
+    results["replay"] = run_replay(replay_session, history="plain" if args.plain else None)
     results["affinity"] = run_affinity(*pair, quick=args.quick)
     results["replay_summary"] = replay_summary(results["replay"])
     results["affinity_summary"] = [scenario_summary(s) for s in results["affinity"]]

@@ -13,11 +13,13 @@ long each entry lives unused. From that it answers the history policy's question
 
 The expected number of remaining requests follows the "Lindy" estimate for lifetimes with a
 heavy tail, which agent sessions have (a handful of requests to several hundred): a conversation
-that has made n requests is as likely as not to make about n more. It has a floor (a conversation
-that has just begun is still an agent session, which runs tens of requests at least), a cap (a
-long session's past says little about the next hour), and is limited by how often the
-conversation has gone cold so far, since a cold cache ends what a warm rewrite can earn: (n + 1) /
-(colds + 1) requests between cold turns, Laplace-smoothed, plus the floor.
+that has made n requests is as likely as not to make about n more. A rewrite's cost is paid now
+and for certain, its gain later and only while the conversation lasts, so hookd counts on half
+that median (n / 2). The estimate has a floor (a conversation that has just begun is still an
+agent session, which runs tens of requests), a cap (a long session's past says little about the
+next hour; sessions end when the context fills and the client compacts), and is limited by how
+often the conversation has gone cold so far, since a cold cache ends what a warm rewrite can
+earn: (n + 1) / (colds + 1) requests between cold turns, Laplace-smoothed, plus the floor.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ from hookd.prices import Prices, Usage
 COLD_MARGIN_S = 60.0
 READ_MARGIN_S = 15.0
 MAX_ENTRIES = 32
-REMAINING_CAP = 100.0
+REMAINING_CAP = 50.0
 # A conversation that has only just begun is still expected to make this many more requests:
 # agent sessions run tens to hundreds of requests, and a Lindy estimate of 1 or 2 would rule out
-# rewriting a file read that went stale right away, which is when it is cheapest.
-REMAINING_FLOOR = 10.0
+# rewriting output that became redundant right away, which is when it is cheapest.
+REMAINING_FLOOR = 8.0
 CACHE_CONTROL = "cache_control"
 MAX_BREAKPOINTS = 4
 
@@ -104,7 +106,8 @@ def read_point(state: CacheState, prices: Prices, start: int, now: float) -> int
 def remaining(state: CacheState) -> float:
     """Requests this conversation will probably still make (see the module docstring)."""
     seen = max(1, state.requests)
-    return min(max(float(seen), REMAINING_FLOOR), REMAINING_CAP, (seen + 1) / (state.colds + 1) + REMAINING_FLOOR)
+    lindy = max(seen / 2, REMAINING_FLOOR)
+    return min(lindy, REMAINING_CAP, (seen + 1) / (state.colds + 1) + REMAINING_FLOOR)
 
 
 def value(prices: Prices, state: CacheState, saved: float, rewritten: float, margin: float) -> float:
@@ -168,7 +171,8 @@ def observe(state: CacheState, prices: Prices, now: float, sent: list[tuple[int,
     was_cold = cold(state, prices, now)
     if prices.breakpoints:
         hit = read_point(state, prices, unchanged, now)
-        live = [e for e in state.entries if e.expires > now]
+        # Entries past the unchanged prefix cache history that is no longer sent.
+        live = [e for e in state.entries if e.expires > now and e.boundary <= unchanged]
         for entry in live:
             if entry.boundary == hit:
                 entry.expires = now + (prices.ttl_long if entry.long else prices.ttl)

@@ -21,10 +21,12 @@ class Job:
     affinity_wait: float = 0.5
     # The first `frozen` messages were sent upstream before exactly as given: keep them as they are.
     frozen: int = 0
-    # The history policy's pipeline (cross-turn dedup, superseded reads): modes auto and clear.
+    # The pipeline for whole histories in modes auto and clear (cross-turn dedup, superseded reads).
     strong: bool = False
     # Where `messages` start in the conversation (dedup pointers name messages by that number).
     offset: int = 0
+    # Fold the new messages' output against what the worker has seen of this conversation.
+    dedup: bool = False
 
 
 @dataclass

@@ -280,8 +280,8 @@ class Hook:
             knobs=knobs,
             affinity_wait=affinity_wait(self.store.values["affinity_wait"], rec.in_bytes),
             frozen=len(context),
-            strong=strong,
             offset=len(prefix) - len(context),
+            dedup=strong,
         )
         try:
             result = await self.until_drained(self.compressor.compress(job))
@@ -401,7 +401,12 @@ class Hook:
         finally:
             expired.cancel()
         if task.done():
-            return task.result()
+            try:
+                return task.result()
+            finally:
+                # A failure raised here holds this frame, which holds the task, which holds the
+                # failure: a cycle that kept the whole conversation until the cyclic GC ran.
+                del task
         task.add_done_callback(_ignore_outcome)
         raise Draining
 

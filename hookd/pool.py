@@ -322,6 +322,7 @@ class WorkerPool:
                 "frozen": job.frozen,
                 "strong": job.strong,
                 "offset": job.offset,
+                "session": job.key.hex() if job.dedup else "",
             }
             payload = orjson.dumps(frame)
         except orjson.JSONEncodeError as exc:

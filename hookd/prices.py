@@ -37,12 +37,12 @@ class Prices:
 
 
 ANTHROPIC = Prices(read=0.1, write=1.25, write_long=2.0, ttl=FIVE_MINUTES, ttl_long=ONE_HOUR, breakpoints=True)
-# Rows are chosen by the longest model-name prefix that names one, else by the provider, else
-# "default": Aperture's provider names are the operator's own, so a DeepSeek model behind a
-# provider called "openai" still gets DeepSeek's prices.
+# Rows are chosen by the longest model-name prefix that names one (or an alias of one), else by
+# the provider, else "default": Aperture's provider names are the operator's own, so a DeepSeek
+# model behind a provider called "openai" still gets DeepSeek's prices, and a Claude model
+# Anthropic's whatever its provider is called.
 DEFAULT_TABLE: dict[str, Prices] = {
     "anthropic": ANTHROPIC,
-    "claude": ANTHROPIC,
     "openai": Prices(read=0.5, write=1.0, write_long=1.0, ttl=FIVE_MINUTES, ttl_long=ONE_HOUR, breakpoints=False),
     "gpt-4.1": Prices(read=0.25, write=1.0, write_long=1.0, ttl=FIVE_MINUTES, ttl_long=ONE_HOUR, breakpoints=False),
     "gpt-5": Prices(read=0.1, write=1.0, write_long=1.0, ttl=FIVE_MINUTES, ttl_long=ONE_HOUR, breakpoints=False),
@@ -53,6 +53,7 @@ DEFAULT_TABLE: dict[str, Prices] = {
     "gemini": Prices(read=0.25, write=1.0, write_long=1.0, ttl=FIVE_MINUTES, ttl_long=ONE_HOUR, breakpoints=False),
     "default": Prices(read=0.5, write=1.0, write_long=1.0, ttl=FIVE_MINUTES, ttl_long=ONE_HOUR, breakpoints=False),
 }
+MODEL_ALIASES = {"claude": "anthropic"}
 FIELDS = tuple(asdict(ANTHROPIC))
 
 
@@ -93,9 +94,10 @@ class InvalidPrices(ValueError):
 
 def resolve(table: dict[str, Prices], provider: str, model: str) -> Prices:
     lowered = model.lower()
-    prefixes = [name for name in table if lowered.startswith(name)]
+    names = {**{name: name for name in table}, **MODEL_ALIASES}
+    prefixes = [prefix for prefix in names if lowered.startswith(prefix)]
     if prefixes:
-        return table[max(prefixes, key=len)]
+        return table[names[max(prefixes, key=len)]]
     return table.get(provider.lower()) or table["default"]
 
 

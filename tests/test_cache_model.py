@@ -99,7 +99,7 @@ def test_remaining_requests_grow_with_the_conversation_within_bounds() -> None:
     state = CacheState(requests=3)
     assert cache_model.remaining(state) == cache_model.REMAINING_FLOOR
     state.requests = 40
-    assert cache_model.remaining(state) == 40
+    assert cache_model.remaining(state) == 20  # half the Lindy median: the gain is uncertain, the cost is not
     state.requests = 1000
     assert cache_model.remaining(state) == cache_model.REMAINING_CAP
     # A conversation that keeps going cold earns less from a warm rewrite.
@@ -147,6 +147,16 @@ def test_a_breakpoint_before_one_hour_breakpoints_asks_for_an_hour() -> None:
 def test_no_breakpoint_where_there_is_no_block(content: Any) -> None:
     messages = [*claude_code_turn(4), {"role": "user", "content": content}, *claude_code_turn(2)]
     assert not cache_model.place_breakpoint(messages, 5, long=False, head=1)
+
+
+def test_entries_past_a_rewrite_are_forgotten() -> None:
+    state = CacheState()
+    for turn, count in enumerate(range(4, 20, 2)):
+        sent(state, count, now=float(turn))
+    # History changed from message 6 on: the entries at later boundaries cache what is gone.
+    sent(state, 20, now=9.0, unchanged=6)
+    assert [e.boundary for e in state.entries] == [0, 3, 4, 5, 6, 19, 20]
+    assert cache_model.read_point(state, ANTHROPIC, 12, 10.0) == 6
 
 
 def test_state_survives_a_round_trip() -> None:

@@ -127,8 +127,8 @@ async def test_only_plain_mode_compresses_history_again(start: Start, mode: str,
     await send(session, url, conversation(2))
     await send(session, url, conversation(3))
     assert (fake.jobs[-1].frozen > 0) is keeps_history
-    # The history policy's modes compress new messages with the strong pipeline.
-    assert fake.jobs[-1].strong is (mode == "auto")
+    # The history policy's modes fold new output against the whole conversation.
+    assert fake.jobs[-1].dedup is (mode == "auto")
 
 
 async def test_sub_agents_sharing_a_session_id_keep_separate_histories(start: Start) -> None:

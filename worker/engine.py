@@ -15,6 +15,7 @@ from typing import Any
 
 import headroom
 import orjson
+from headroom.config import DEFAULT_BYTE_EXACT_EXCLUDE_TOOLS
 from headroom.models.registry import ModelRegistry
 from headroom.tokenizers import get_tokenizer
 from headroom.tokenizers.huggingface import HuggingFaceTokenizer
@@ -22,6 +23,7 @@ from headroom.transforms import TransformPipeline, content_router
 from headroom.transforms.content_router import ContentRouter
 
 from worker import samples
+from worker.dedup import Dedup
 
 # `headroom.compress` is rebound to the function by headroom/__init__; the module that holds the
 # pipeline singleton is only reachable through importlib.
@@ -48,10 +50,6 @@ STALE_POINTER_TEXT = b"Retrieve original: hash="
 # is true and useful ("re-read the file"), so only the pointer is cut. This pass saves ~40% on
 # Claude Code sessions that edit what they read.
 STALE_READ_POINTER = re.compile(r"(\[Read content (?:stale|superseded): [^\]]*?) Retrieve original: hash=[0-9a-f]+\]")
-# headroom's cross-turn dedup names the earlier message a span repeats by its index in the list it
-# was given; a worker is given a window of the conversation, so the index is moved to the
-# conversation's own numbering.
-DEDUP_POINTER = re.compile(r"\[↑(\d+)L same as msg (\d+)")
 
 
 def marker_free_pipeline(kompress: bool = False, strong: bool = False) -> TransformPipeline:
@@ -59,11 +57,15 @@ def marker_free_pipeline(kompress: bool = False, strong: bool = False) -> Transf
     only when `worker.ml` has already loaded it; `compress()` offers no knob for these, so the
     pipeline is built here.
 
-    `strong` is the history policy's pipeline (modes auto and clear): cross-turn dedup on (a
-    later output's span that repeats an earlier output verbatim becomes a pointer to it; it only
-    ever refers back, so what was sent before never changes), and reads superseded by a later
-    read of the same file replaced as well as stale ones (a rewrite of history decides whether
-    that pays)."""
+    `strong` is the pipeline the history policy compresses whole histories with (modes auto and
+    clear): cross-turn dedup on (a later output's span that repeats an earlier output verbatim
+    becomes a pointer to it; it only ever refers back, so what was sent before never changes), and
+    a file read superseded by a later read of the same file replaced (the later one has the
+    content). A read made stale by a
+    later edit is kept: the agent's next edits to that file copy their `old_string` from it, and
+    losing it means a failed edit or a re-read (measured by bench.cache's quality check). The
+    history policy's `clear` mode clears such reads itself, with a note saying how to get them
+    back."""
     pipeline = TransformPipeline()
     for index, transform in enumerate(pipeline.transforms):
         if isinstance(transform, ContentRouter):
@@ -77,11 +79,23 @@ def marker_free_pipeline(kompress: bool = False, strong: bool = False) -> Transf
                 enable_cross_turn_dedup=strong,
             )
             if strong:
-                config.read_lifecycle = dataclasses.replace(config.read_lifecycle, compress_superseded=True)
+                config.read_lifecycle = dataclasses.replace(
+                    config.read_lifecycle, compress_stale=False, compress_superseded=True
+                )
             # observer=None: headroom's default observer stages usage beacons for the network.
             pipeline.transforms[index] = ContentRouter(config, observer=None)
             return pipeline
     raise RuntimeError("headroom's default pipeline has no ContentRouter to configure")
+
+
+def keep_file_reads_whole() -> None:
+    """File reads (Claude Code's Read, Cursor's read_file) stay byte for byte as read, whatever
+    repeats them: an edit's `old_string` is copied from one read, often across several lines, and
+    a cross-turn dedup pointer in the middle of it leaves the lines only in pieces, elsewhere.
+    headroom reads this set at call time, for the tools whose output it never rewrites."""
+    content_router.DEFAULT_VERBATIM_EXCLUDE_TOOLS = frozenset(
+        content_router.DEFAULT_VERBATIM_EXCLUDE_TOOLS | DEFAULT_BYTE_EXACT_EXCLUDE_TOOLS
+    )
 
 
 def use_pipeline(pipeline: TransformPipeline) -> None:
@@ -127,19 +141,6 @@ def cut_pointers(value: Any) -> Any:
     return value
 
 
-def renumber(value: Any, offset: int) -> Any:
-    """`value` with every dedup pointer's message number moved by `offset`."""
-    if isinstance(value, str):
-        if "same as msg" not in value:
-            return value
-        return DEDUP_POINTER.sub(lambda m: f"[↑{m.group(1)}L same as msg {int(m.group(2)) + offset}", value)
-    if isinstance(value, list):
-        return [renumber(item, offset) for item in value]
-    if isinstance(value, dict):
-        return {key: renumber(item, offset) for key, item in value.items()}
-    return value
-
-
 def resident_mb() -> float:
     """This process's resident memory, for the front end's recycle-on-growth rule."""
     with open("/proc/self/statm") as statm:
@@ -166,7 +167,9 @@ class Engine:
         """`ml_facts` come from `worker.ml.load`, which must run before headroom is first used."""
         self.ml_facts = ml_facts or {"ml_text_compression": False, "ml_reason": "not loaded"}
         self.kompress = bool(self.ml_facts["ml_text_compression"])
+        keep_file_reads_whole()
         self.pipelines = {False: marker_free_pipeline(self.kompress)}
+        self.dedup = Dedup()
         use_pipeline(self.pipelines[False])
         self.current = False
         self.version = headroom.__version__
@@ -199,11 +202,13 @@ class Engine:
         frozen: int = 0,
         strong: bool = False,
         offset: int = 0,
+        session: str = "",
     ) -> dict[str, Any]:
         """Compress `messages`, leaving the first `frozen` exactly as they are. Token counts
         cover only the messages after the frozen ones: the front end knows the rest. `strong`
         picks the history policy's pipeline; `offset` is where `messages` start in the
-        conversation."""
+        conversation; with a `session`, the new messages' output is deduplicated against
+        everything this worker has seen of that conversation (worker.dedup)."""
         started = time.perf_counter()
         counting = self._cached(self._counting, model, counting_model)
         limit = self._cached(self._limits, model, model_limit)
@@ -215,8 +220,12 @@ class Engine:
             reply["messages"] = result.messages
             removed = 0
         else:
-            reply["changed"], removed = self._changes(messages, result.messages, offset)
-            if frozen or removed:
+            compressed = result.messages
+            if session:
+                folded = self.dedup.fold(session, compressed, frozen, offset)
+                compressed = [folded.get(i, m) for i, m in enumerate(compressed)]
+            reply["changed"], removed = self._changes(messages, compressed)
+            if frozen or removed or session:
                 # headroom counts frozen messages inconsistently, and not the markers we removed.
                 reply["tokens_before"], reply["tokens_after"] = self._recount(
                     counting, messages, reply["changed"], frozen
@@ -244,7 +253,7 @@ class Engine:
         return cache[model]
 
     @staticmethod
-    def _changes(original: list[Any], compressed: list[Any], offset: int = 0) -> tuple[list[list[Any]], int]:
+    def _changes(original: list[Any], compressed: list[Any]) -> tuple[list[list[Any]], int]:
         """Only the messages headroom changed go back over the socket; a changed one that still
         carries a retrieval marker is dropped, so its original goes upstream."""
         changed = []
@@ -252,8 +261,6 @@ class Engine:
         for index, (before, after) in enumerate(zip(original, compressed, strict=True)):
             if after is before or after == before:
                 continue
-            if offset:
-                after = renumber(after, offset)
             text = marker_text(after)
             if STALE_POINTER_TEXT in text:
                 after = cut_pointers(after)

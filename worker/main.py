@@ -66,6 +66,7 @@ def handle(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
             frozen=int(request.get("frozen") or 0),
             strong=bool(request.get("strong")),
             offset=int(request.get("offset") or 0),
+            session=str(request.get("session") or ""),
         )
     except Exception as exc:
         # compress() swallows its own errors; this is for ours (a knob headroom refused, say).
