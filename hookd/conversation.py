@@ -81,20 +81,23 @@ class Conversations:
         previous = turn.previous
         if not turn.strong or previous is None or not previous.count:
             return
-        knobs = self.store.history_knobs()
-        sizes = history.sent_sizes(previous.emitted, turn.sizes, previous.count)
-        sent = [sticky.strip_cache_control(m) for m in turn.prefix]
         cold = cache_model.cold(previous.cache, turn.prices, turn.now)
         candidate = self.candidates.get(turn.key, previous)
+        if candidate is None and not cold:
+            return
+        knobs = self.store.history_knobs()
+        if candidate is not None and not candidate.forms and knobs.mode != "clear":
+            return
+        sizes = history.sent_sizes(previous.emitted, turn.sizes, previous.count)
+        sent = [sticky.strip_cache_control(m) for m in turn.prefix]
         if candidate is not None:
             forms = candidate.decoded()
-        elif cold:
+        else:
             # Nothing made ahead of time, and the provider writes everything again anyway: this
             # is the one time a rewrite is free, worth a worker's time inside the request.
             forms = await self._candidate_now(job_for(sent), sent)
-        else:
-            return
-        chosen = history.choose(knobs, forms, sent, sizes, call.messages)
+        pointing = {i for i, stored in previous.emitted.items() if history.POINTS in stored}
+        chosen = history.choose(knobs, forms, sent, sizes, call.messages, pointing)
         if cold:
             plan = history.plan_cold(knobs, chosen, sizes)
         else:
@@ -144,7 +147,8 @@ class Conversations:
         record.tokens_before, record.tokens_after = counts
         unchanged = turn.plan.start if turn.plan is not None else (turn.previous.count if turn.previous else 0)
         marks = cache_model.marks(call.body, sent)
-        turn.facts = self.facts(turn, call, record, marks, unchanged)
+        sizes = history.sent_sizes(record.emitted, turn.sizes, record.count)
+        turn.facts = self.facts(turn, call, record, sizes, marks, unchanged)
         cache_model.observe(record.cache, turn.prices, turn.now, marks, unchanged)
         if turn.plan is not None:
             record.generation += 1
@@ -158,8 +162,7 @@ class Conversations:
             # Another turn of this conversation was recorded meanwhile (another replica): this
             # one was answered from what it read, and the record stays theirs.
             return None
-        history_bytes = sum(history.sent_sizes(record.emitted, turn.sizes, record.count))
-        if not turn.strong or not self.candidates.due(turn.key, record, history_bytes):
+        if not turn.strong or not self.candidates.due(turn.key, record, sum(sizes)):
             return None
         messages = [sticky.strip_cache_control(m) for m in sent]
         job = Job(messages=messages, model=call.model, key=turn.session, knobs=self.knobs(), strong=True)
@@ -170,6 +173,7 @@ class Conversations:
         turn: Turn,
         call: protocol.HookCall,
         record: sticky.Record,
+        sizes: list[int],
         marks: list[tuple[int, bool]],
         unchanged: int,
     ) -> Facts:
@@ -184,7 +188,7 @@ class Conversations:
             tail = history.sent_sizes(record.emitted, turn.sizes, previous.count if previous else 0)
             rewritten = round(sum(tail[turn.plan.read_point :]) / history.BYTES_PER_TOKEN)
         head = _tokens(len(orjson.dumps([call.body.get("tools"), call.body.get("system")])))
-        sent_tokens = [_tokens(size) for size in history.sent_sizes(record.emitted, turn.sizes, record.count)]
+        sent_tokens = [_tokens(size) for size in sizes]
         original_tokens = [_tokens(size) for size in turn.sizes]
         originally = previous.count if previous is not None else 0
         return Facts(

@@ -44,6 +44,8 @@ BYTES_PER_TOKEN = 3.4
 MARGIN = 1.5
 # Smaller gains are not worth a batch, whatever the arithmetic says.
 MIN_SAVED_TOKENS = 2048
+# Only a message compression changed can hold a dedup pointer; this finds them in stored bytes.
+POINTS = b"same as msg"
 POINTER = re.compile(r"\[↑\d+L same as msg (\d+)(?: [+-]\d+L)?: ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\]")
 
 
@@ -81,18 +83,21 @@ def choose(
     sent: list[Any],
     sizes: list[int],
     originals: list[Any],
+    pointing: set[int] | None = None,
 ) -> dict[int, Any]:
     """The smallest form of every history message the policy may send: the candidate's where it
     is smaller than what was sent, cleared tool output in `clear` mode, and nothing that would
-    leave a dedup pointer without the text it points to."""
+    leave a dedup pointer without the text it points to. `pointing`: the messages sent with a
+    pointer in them (None: look at every one)."""
     forms = {i: form for i, form in candidate.items() if i < len(sizes) and _size(form) < sizes[i]}
+    sources = set(range(len(sent))) if pointing is None else pointing
     if knobs.mode == "clear":
-        kept = referenced({**dict(enumerate(sent)), **forms})
+        kept = referenced({**{i: sent[i] for i in sources if i < len(sent)}, **forms})
         current = {**dict(enumerate(sent)), **forms}
         for index, form in clearing.clear(current, originals, knobs.keep, len(sizes), kept).items():
             if _size(form) < (_size(forms[index]) if index in forms else sizes[index]):
                 forms[index] = form
-    return consistent(forms, sent)
+    return consistent(forms, sent, sources)
 
 
 def plan_cold(knobs: Knobs, forms: dict[int, Any], sizes: list[int]) -> Plan | None:
@@ -154,13 +159,15 @@ def referenced(forms: dict[int, Any]) -> set[int]:
     return {target for form in forms.values() for target, _ in pointers(form)}
 
 
-def consistent(forms: dict[int, Any], sent: list[Any]) -> dict[int, Any]:
+def consistent(forms: dict[int, Any], sent: list[Any], sources: set[int] | None = None) -> dict[int, Any]:
     """`forms` without the changes that would leave a pointer dangling: a pointer must find its
-    anchor in the message it names, as that message will be sent."""
+    anchor in the message it names, as that message will be sent. `sources`: the sent messages
+    that may hold a pointer (None: any)."""
     forms = dict(forms)
     for _ in range(len(forms) + 1):
         final = {**dict(enumerate(sent)), **forms}
-        broken = [(s, t) for s, t in _dangling(final) if s in forms or t in forms]
+        holders = set(final) if sources is None else sources | set(forms)
+        broken = [(s, t) for s, t in _dangling(final, holders) if s in forms or t in forms]
         if not broken:
             return forms
         for source, target in broken:
@@ -170,10 +177,10 @@ def consistent(forms: dict[int, Any], sent: list[Any]) -> dict[int, Any]:
     return {}
 
 
-def _dangling(final: dict[int, Any]) -> list[tuple[int, int]]:
+def _dangling(final: dict[int, Any], holders: set[int]) -> list[tuple[int, int]]:
     broken = []
-    for source, form in final.items():
-        for target, anchor in pointers(form):
+    for source in holders:
+        for target, anchor in pointers(final.get(source)):
             text = "\0".join(_strings(final.get(target)))
             if anchor and anchor not in text:
                 broken.append((source, target))
