@@ -18,6 +18,8 @@ from worker.ml import MODES as ML_MODES
 ENV_PREFIX = "HOOKD_"
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
+# A key for --hash-users shorter than this could be guessed along with the names it hides.
+MIN_HASH_KEY_CHARS = 16
 STATE_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -268,6 +270,28 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="token required to change settings with PUT /config; without it, only loopback callers may change them",
     )
     parser.add_argument(
+        "--hash-users",
+        action="store_true",
+        default=env_flag(env, "HASH_USERS"),
+        help="label usage metrics with a keyed hash (HMAC-SHA256) of each login name instead of the name; "
+        "needs --user-hash-key-file",
+    )
+    parser.add_argument(
+        "--user-hash-key-file",
+        type=Path,
+        default=env_value(env, "USER_HASH_KEY_FILE", Path, None),
+        metavar="PATH",
+        help=f"the key for --hash-users, at least {MIN_HASH_KEY_CHARS} characters (openssl rand -base64 32); "
+        "the same file gives the same labels on every replica and after restarts",
+    )
+    parser.add_argument(
+        "--max-user-labels",
+        type=positive_int,
+        default=env_value(env, "MAX_USER_LABELS", positive_int, 200),
+        metavar="N",
+        help='users with their own usage series; later ones are counted as "other" (default %(default)s)',
+    )
+    parser.add_argument(
         "--allow-unauthenticated",
         action="store_true",
         default=env_flag(env, "ALLOW_UNAUTHENTICATED"),
@@ -349,6 +373,14 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         state = shared_state(args)
     except StateError as exc:
         parser.error(str(exc))
+    if args.hash_users != (args.user_hash_key_file is not None):
+        parser.error("--hash-users and --user-hash-key-file go together: the hash is keyed, so names cannot be guessed")
+    try:
+        user_hash_key = read_token(args.user_hash_key_file)
+    except TokenFileError as exc:
+        parser.error(str(exc))
+    if user_hash_key is not None and len(user_hash_key) < MIN_HASH_KEY_CHARS:
+        parser.error(f"{args.user_hash_key_file} holds fewer than {MIN_HASH_KEY_CHARS} characters; too short a key")
     if not is_loopback_host(host) and hook_token is None and not args.allow_unauthenticated:
         parser.error(
             f"refusing to listen on {host}, which is not loopback, without --token-file: a hook "
@@ -379,6 +411,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         sticky_ttl=args.sticky_ttl,
         hook_token=hook_token,
         admin_token=admin_token,
+        max_user_labels=args.max_user_labels,
+        user_hash_key=user_hash_key.encode() if user_hash_key else None,
         state_timeout=args.state_timeout,
         **state,
     )
@@ -390,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hookd import models
 
         return models.main(arguments[1:])
+    if arguments[:1] == ["savings"]:
+        from hookd import savings
+
+        return savings.main(arguments[1:])
     settings = parse_settings(arguments)
     from hookd.server import serve
 

@@ -45,6 +45,9 @@ class Ledger:
         self.ttl = ttl
         self.clock = clock
         self.entries: OrderedDict[str, tuple[float, Facts]] = OrderedDict()
+        # Told of every entry that leaves unmatched (expired, or pushed out by the bound), so
+        # the cache model's estimate can be counted for it.
+        self.unmatched: Callable[[Facts], None] | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -56,7 +59,7 @@ class Ledger:
         self.entries.pop(request_id, None)
         self.entries[request_id] = (self.clock(), facts)
         while len(self.entries) > self.max_entries:
-            self.entries.popitem(last=False)
+            self._unmatched(self.entries.popitem(last=False)[1][1])
 
     def take(self, request_id: str) -> Facts | None:
         """The facts of a request, once: a second event for the same id is not counted twice."""
@@ -74,4 +77,9 @@ class Ledger:
                 break
             del self.entries[request_id]
             gone.append(facts)
+            self._unmatched(facts)
         return gone
+
+    def _unmatched(self, facts: Facts) -> None:
+        if self.unmatched is not None:
+            self.unmatched(facts)

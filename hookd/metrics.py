@@ -7,7 +7,7 @@ providers come from small fixed sets, model names are capped (see `ModelLabels`)
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from hookd.summary import Record
@@ -67,6 +67,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The front end's own memory and start time: every counter here counts since then.
+        ProcessCollector(registry=r)
         self.models = ModelLabels()
         self.requests = Counter("headroom_requests", "Hook calls that reached the compressor", registry=r)
         self.requests_failed = Counter(

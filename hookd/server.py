@@ -22,6 +22,7 @@ from aiohttp import web
 from hookd.admin import Admin, ml_summary
 from hookd.compressor import Compressor
 from hookd.config import Store
+from hookd.events import Events
 from hookd.hook import Hook
 from hookd.metrics import Metrics
 from hookd.sdnotify import Notifier
@@ -51,6 +52,7 @@ def build_app(
     admin = Admin(settings, compressor, metrics, store)
     hook = Hook(settings, compressor, metrics, store, clock, records)
     admin.routes(app)
+    Events(settings, hook, metrics).routes(app)
     # The hook answers on every other path: the operator picks the URL in Aperture's config.
     app.router.add_route("*", "/{tail:.*}", hook.hook)
     app[ADMIN], app[HOOK] = admin, hook

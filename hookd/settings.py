@@ -78,6 +78,10 @@ class Settings:
     # Tokens, read from files at start-up; kept out of repr so they never reach a log.
     hook_token: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
+    # Usage metrics: distinct users counted by name before the rest go to "other", and the key
+    # that hashes login names into labels (--hash-users); kept out of repr like the tokens.
+    max_user_labels: int = 200
+    user_hash_key: bytes | None = field(default=None, repr=False)
     # Conversation records shared by every replica in Redis (None: this process's memory only).
     # The URL may carry a password, and the key seals every value: none of them in a repr.
     state_url: str | None = field(default=None, repr=False)

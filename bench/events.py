@@ -1,0 +1,379 @@
+"""Events under load: does a flood of `entire_request` events slow the hook or grow hookd?
+
+    python -m bench.events [--quick] [--minutes 5] [--events-per-minute 10000] [--hook-rps 4] [--out DIR]
+
+A real hookd (`tests.hookd_process`, two workers) gets the same hook traffic twice, open loop at
+`--hook-rps`: corpus sessions turn by turn (fixtures built from this machine's command output
+without the corpus), each pass under new session ids. The first run has no events; the second
+adds `--events-per-minute` events, paced evenly: the event for every hook call the moment it is
+answered (matched), the rest for requests hookd never saw (unmatched), in every shape
+(`tests.aperture_events`; streamed ones with a few hundred text deltas, as long answers have).
+Events go over a few keep-alive connections from a raw HTTP client, so the sender costs the
+machine as little as possible: hookd and the sender share its CPUs.
+
+It reports, per run, hook latency (client-side, p50/p90/p99), events sent and counted, the
+front end's resident memory over the run (sampled every few seconds; workers are separate
+processes and not counted), and the most requests ever waiting for their event
+(`hookd_usage_pending_requests`). Pass: p99 with events within 1.1x of without, the front end's
+memory flat, the pending count bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+
+from hookd.prices import Usage
+from tests import aperture_events, client, corpus, fixtures
+from tests.hookd_process import Hookd
+
+PLACEHOLDER = b"REQUEST-ID-PLACEHOLDER"
+CONNECTIONS = 4
+STREAM_DELTAS = 300
+ANSWER_WORDS = 400
+EVENT_MIX = (
+    ("anthropic", True),
+    ("openai", True),
+    ("estimated-cost", False),
+    ("anthropic", True),
+    ("anthropic-stream", False),
+    ("anthropic", True),
+    ("openai", True),
+    ("estimated-cost", False),
+    ("anthropic", True),
+    ("openai-stream", False),
+)
+RSS_EVERY_S = 5.0
+USERS = 50
+MIB = 1024 * 1024
+LATENCY_RATIO = 1.1
+# Memory a run may add to the front end and still count as flat: allocator noise, not growth.
+RSS_SLACK_MB = 24.0
+
+
+@dataclass
+class Run:
+    name: str
+    seconds: float
+    hook_ms: list[float] = field(default_factory=list)
+    hook_errors: int = 0
+    events_sent: int = 0
+    events_failed: int = 0
+    events_behind_s: float = 0.0  # how late the sender fell behind its schedule, at most
+    rss_mb: list[float] = field(default_factory=list)
+    cpu_s: float = 0.0  # the front end's CPU time over the run
+    pending_max: float = 0.0
+    counted: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        latency = sorted(self.hook_ms)
+        return {
+            "run": self.name,
+            "seconds": self.seconds,
+            "hook_requests": len(latency),
+            "hook_errors": self.hook_errors,
+            "hook_p50_ms": _rank(latency, 0.5),
+            "hook_p90_ms": _rank(latency, 0.9),
+            "hook_p99_ms": _rank(latency, 0.99),
+            "events_sent": self.events_sent,
+            "events_failed": self.events_failed,
+            "events_per_minute": self.events_sent / self.seconds * 60,
+            "events_behind_s": self.events_behind_s,
+            "events_counted": self.counted,
+            "front_end_cpu_s": self.cpu_s,
+            "rss_first_mb": self.rss_mb[0] if self.rss_mb else 0.0,
+            "rss_last_mb": self.rss_mb[-1] if self.rss_mb else 0.0,
+            "rss_max_mb": max(self.rss_mb, default=0.0),
+            "pending_max": self.pending_max,
+        }
+
+
+def _rank(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    return values[min(len(values) - 1, max(0, round(q * len(values)) - 1))] if values else 0.0
+
+
+def hook_traffic() -> list[dict[str, Any]]:
+    """One pass of hook calls: corpus sessions turn by turn, else conversations built here."""
+    if corpus.available():
+        sessions = corpus.sessions({"cc-reliability-python-to-rust-port", "cc-spotter-fa812bfe-s1"})
+        return [call for session in sessions for call in corpus.hook_calls(session)]
+    calls = []
+    for provider, messages in (("anthropic", fixtures.anthropic_session()), ("openai", fixtures.openai_session())):
+        for end in range(2, len(messages) + 1, 2):
+            calls.append(fixtures.hook_call(messages[:end], provider, session_id=provider))
+    return calls
+
+
+def event_templates() -> list[bytes]:
+    """Encoded events, one per user, with a placeholder where the request id goes: mostly what
+    the README's grant sends (the response body, Aperture's estimate), and one in five a stream's
+    events, for an operator who also sends `raw_responses`."""
+    bill = Usage(input=1_500, cache_read=60_000, cache_write=3_000)
+    answer = " ".join(f"word{i}" for i in range(ANSWER_WORDS))
+    templates = []
+    for user, (shape, with_cost) in zip(range(USERS), itertools.cycle(EVENT_MIX), strict=False):
+        provider = "openai" if shape.startswith("openai") else "anthropic"
+        document = aperture_events.event(
+            shape, PLACEHOLDER.decode(), bill, provider, user=f"user{user}@example.com", estimated_cost=with_cost
+        )
+        body = document.get("response_body")
+        if body and provider == "anthropic":
+            body["content"][0]["text"] = answer
+        elif body:
+            body["choices"][0]["message"]["content"] = answer
+        stream = document.get("raw_responses")
+        if stream:
+            # A long answer streams hundreds of deltas; the usage sits at both ends.
+            stream[2:2] = [stream[3]] * STREAM_DELTAS
+        templates.append(orjson.dumps(document))
+    return templates
+
+
+class EventSender:
+    """A minimal HTTP/1.1 client over keep-alive connections: one request in flight on each."""
+
+    def __init__(self, port: int, templates: list[bytes], run: Run) -> None:
+        self.port = port
+        self.templates = templates
+        self.run = run
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def request(self, request_id: str, shape: int) -> bytes:
+        body = self.templates[shape % len(self.templates)].replace(PLACEHOLDER, request_id.encode())
+        head = "POST /events HTTP/1.1\r\nHost: hookd\r\nContent-Type: application/json\r\n"
+        return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+    async def connection(self) -> None:
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                self.run.events_failed += 1
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                while True:
+                    raw = await self.queue.get()
+                    writer.write(raw)
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    await reader.readexactly(_content_length(head))
+                    self.run.events_sent += 1
+                    self.run.events_failed += not head.startswith(b"HTTP/1.1 200")
+            except (ConnectionError, asyncio.IncompleteReadError):
+                self.run.events_failed += 1
+            finally:
+                writer.close()
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+async def drive(
+    url: str, port: int, pid: int, run: Run, calls: list[dict[str, Any]], args: argparse.Namespace, events: bool
+) -> None:
+    stop = time.monotonic() + run.seconds
+    front = psutil.Process(pid)
+    cpu = sum(front.cpu_times()[:2])
+    matched: asyncio.Queue[str] = asyncio.Queue()
+    sender = EventSender(port, event_templates(), run)
+    tasks = [asyncio.create_task(sample(url, pid, run, stop))]
+    if events:
+        tasks += [asyncio.create_task(sender.connection()) for _ in range(CONNECTIONS)]
+        tasks.append(asyncio.create_task(pace_events(sender, matched, args.events_per_minute, stop, run)))
+    async with aiohttp.ClientSession() as http:
+        await hook_load(http, url, calls, args.hook_rps, stop, run, matched)
+    run.rss_mb.append(front.memory_info().rss / MIB)
+    run.cpu_s = sum(front.cpu_times()[:2]) - cpu
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
+            await task
+
+
+async def hook_load(
+    http: aiohttp.ClientSession,
+    url: str,
+    calls: list[dict[str, Any]],
+    rps: float,
+    stop: float,
+    run: Run,
+    matched: asyncio.Queue[str],
+) -> None:
+    """Open loop: a hook call every 1/rps seconds, each timed from send to the last byte read."""
+    started = time.monotonic()
+    in_flight: set[asyncio.Task[None]] = set()
+    for number in itertools.count():
+        due = started + number / rps
+        if due >= stop:
+            break
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        index = number % len(calls)
+        # Every pass is new conversations to hookd, as in production.
+        metadata = {**calls[index]["metadata"], "request_id": f"{run.name}-{number}"}
+        metadata["session_id"] = f"{run.name}-{number // len(calls)}-{metadata.get('session_id')}"
+        call = {**calls[index], "metadata": metadata}
+        task = asyncio.create_task(one_hook_call(http, url, call, run, matched))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    if in_flight:
+        await asyncio.wait(in_flight)
+
+
+async def one_hook_call(
+    http: aiohttp.ClientSession, url: str, call: dict[str, Any], run: Run, matched: asyncio.Queue[str]
+) -> None:
+    sent = time.perf_counter()
+    try:
+        status, _, _ = await client.post(http, url, call)
+    except aiohttp.ClientError:
+        run.hook_errors += 1
+        return
+    run.hook_ms.append((time.perf_counter() - sent) * 1000)
+    run.hook_errors += status != 200
+    matched.put_nowait(call["metadata"]["request_id"])
+
+
+async def pace_events(
+    sender: EventSender, matched: asyncio.Queue[str], per_minute: float, stop: float, run: Run
+) -> None:
+    """Events evenly paced: the next answered hook call's if there is one, else an unknown id."""
+    started = time.monotonic()
+    for number in itertools.count():
+        due = started + number * 60 / per_minute
+        if due >= stop:
+            return
+        run.events_behind_s = max(run.events_behind_s, time.monotonic() - due)
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        request_id = matched.get_nowait() if not matched.empty() else f"elsewhere-{run.name}-{number}"
+        sender.queue.put_nowait(sender.request(request_id, number))
+
+
+async def sample(url: str, pid: int, run: Run, stop: float) -> None:
+    front = psutil.Process(pid)
+    async with aiohttp.ClientSession() as http:
+        while True:
+            run.rss_mb.append(front.memory_info().rss / MIB)
+            run.pending_max = max(run.pending_max, await gauge(http, url, "hookd_usage_pending_requests"))
+            if time.monotonic() >= stop:
+                return
+            await asyncio.sleep(RSS_EVERY_S)
+
+
+async def gauge(http: aiohttp.ClientSession, url: str, name: str) -> float:
+    async with http.get(url + "metrics") as response:
+        text = await response.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
+
+
+async def measure(args: argparse.Namespace) -> list[Run]:
+    calls = hook_traffic()
+    runs = []
+    with tempfile.TemporaryDirectory() as state, Hookd(state_dir=Path(state), pool_size=2) as hookd:
+        warm = Run("warm-up", args.warmup)
+        await drive(hookd.url, hookd.port, hookd.proc.pid, warm, calls, args, events=False)
+        for round_number in range(args.rounds):
+            for events in (False, True):
+                run = Run(f"{'with' if events else 'without'}-events-{round_number}", args.minutes * 60)
+                await drive(hookd.url, hookd.port, hookd.proc.pid, run, calls, args, events)
+                async with aiohttp.ClientSession() as http:
+                    run.counted = await gauge(http, hookd.url, "hookd_usage_events_total")
+                runs.append(run)
+    return runs
+
+
+def verdict(runs: list[Run]) -> dict[str, Any]:
+    without = [r for r in runs if r.name.startswith("without")]
+    with_events = [r for r in runs if r.name.startswith("with-")]
+    ratio = _rank(_latencies(with_events), 0.99) / max(_rank(_latencies(without), 0.99), 1e-9)
+    growth = max((r.rss_mb[-1] - r.rss_mb[0]) for r in with_events)
+    return {
+        "p99_ratio": ratio,
+        "p99_within": ratio <= LATENCY_RATIO,
+        "rss_growth_mb": growth,
+        "rss_flat": growth <= RSS_SLACK_MB,
+        "pending_max": max(r.pending_max for r in runs),
+    }
+
+
+def _latencies(runs: list[Run]) -> list[float]:
+    return sorted(ms for run in runs for ms in run.hook_ms)
+
+
+def report(runs: list[Run], result: dict[str, Any], command: str) -> str:
+    lines = [
+        "# Events under load",
+        "",
+        f"- command: `{command}`",
+        f"- hook p99 with events / without: **{result['p99_ratio']:.3f}** (pass: <= {LATENCY_RATIO})",
+        f"- front-end RSS growth over an events run: **{result['rss_growth_mb']:+.1f} MB** "
+        f"(flat: <= {RSS_SLACK_MB} MB)",
+        f"- most requests waiting for their event: {result['pending_max']:.0f}",
+        "",
+        "| run | s | hook requests | errors | p50 ms | p90 ms | p99 ms | events sent | failed | per minute "
+        "| sender behind s | front-end CPU s | front-end RSS first / last / max MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in runs:
+        s = run.summary()
+        lines.append(
+            f"| {s['run']} | {s['seconds']:.0f} | {s['hook_requests']} | {s['hook_errors']} | {s['hook_p50_ms']:.1f} "
+            f"| {s['hook_p90_ms']:.1f} | {s['hook_p99_ms']:.1f} | {s['events_sent']} | {s['events_failed']} "
+            f"| {s['events_per_minute']:.0f} | {s['events_behind_s']:.2f} | {s['front_end_cpu_s']:.1f} "
+            f"| {s['rss_first_mb']:.1f} / {s['rss_last_mb']:.1f} / {s['rss_max_mb']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.events", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="20 s runs, 2,000 events a minute (for the test suite)")
+    parser.add_argument("--minutes", type=float, default=5.0, help="length of each run (default %(default)s)")
+    parser.add_argument("--events-per-minute", type=float, default=10_000, help="(default %(default)s)")
+    parser.add_argument("--hook-rps", type=float, default=4.0, help="hook calls a second (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=1, help="pairs of runs, without then with (default %(default)s)")
+    parser.add_argument(
+        "--warmup", type=float, default=30.0, help="seconds of hook traffic first (default %(default)s)"
+    )
+    parser.add_argument("--out", type=Path, help="directory for results.json and report.md")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.minutes, args.events_per_minute, args.warmup = 20 / 60, 2_000, 5.0
+    runs = asyncio.run(measure(args))
+    result = verdict(runs)
+    command = "python -m bench.events " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(runs, result, command.strip())
+    out = args.out or Path("bench/results") / time.strftime("events-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    document = {"runs": [r.summary() for r in runs], "verdict": result}
+    (out / "results.json").write_text(json.dumps(document, indent=1))
+    print(text)
+    print(f"written to {out}")
+    return 0 if result["p99_within"] and result["rss_flat"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
