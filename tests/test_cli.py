@@ -39,6 +39,10 @@ FLAGS = [
     "--state-key-file",
     "--state-password-file",
     "--state-timeout",
+    # usage metrics' user labels; tested in test_events.py
+    "--hash-users",
+    "--user-hash-key-file",
+    "--max-user-labels",
 ]
 
 
