@@ -13,8 +13,10 @@ reads the longest prefix it shares with a live earlier one, in 128-token steps f
 at the model's read price; there is no write premium. Entries are evicted after `ttl` idle.
 
 Tokens are counted with o200k_base (headroom's vocabulary for Claude and GPT models, from
-litellm's copy, offline) on each block's JSON with its breakpoint taken out; a string content is
-counted as the one text block it stands for.
+litellm's copy, offline) on the text of each block (its strings, as the model reads them: not the
+JSON they travel in, whose escapes would add an eighth), while cache entries are keyed by the
+block's exact JSON with its breakpoint taken out; a string content counts as the one text block it
+stands for.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from bench.quality import strings
 from hookd.prices import Prices, Usage
 from worker import offline
 
@@ -55,7 +58,8 @@ class Meter:
 
 @dataclass(frozen=True)
 class Block:
-    piece: bytes  # what is tokenised
+    piece: bytes  # what the cache matches: the block's JSON
+    text: bytes  # what is tokenised: its strings
     ttl: str | None  # "5m" or "1h" where the block carries a breakpoint
 
 
@@ -67,7 +71,7 @@ def _block(value: Any, role: str | None) -> Block:
         ttl = "1h" if value["cache_control"].get("ttl") == "1h" else "5m"
         value = {k: v for k, v in value.items() if k != "cache_control"}
     piece = orjson.dumps([role, value] if role else value, option=orjson.OPT_SORT_KEYS)
-    return Block(piece, ttl)
+    return Block(piece, "\n".join(strings(value)).encode(), ttl)
 
 
 def blocks(body: dict[str, Any], messages: list[Any]) -> list[Block]:
@@ -102,7 +106,7 @@ class Provider:
     prices: Prices
     meter: Meter
     entries: dict[bytes, tuple[float, float]] = field(default_factory=dict)  # prefix -> (expires, ttl)
-    recent: list[tuple[list[bytes], list[int], float]] = field(default_factory=list)
+    recent: list[tuple[list[Block], float]] = field(default_factory=list)  # (request, expires)
 
     def bill(self, body: dict[str, Any], messages: list[Any], now: float) -> Usage:
         request = blocks(body, messages)
@@ -111,7 +115,7 @@ class Provider:
         return self._automatic(request, now)
 
     def _explicit(self, request: list[Block], now: float) -> Usage:
-        sizes = [self.meter.count(b.piece) for b in request]
+        sizes = [self.meter.count(b.text) for b in request]
         ends = _running(sizes)
         marks = [i for i, b in enumerate(request) if b.ttl]
         if len(marks) > MAX_BREAKPOINTS:
@@ -144,13 +148,12 @@ class Provider:
         return usage
 
     def _automatic(self, request: list[Block], now: float) -> Usage:
-        pieces = [b.piece for b in request]
-        tokens = [t for piece in pieces for t in self.meter.tokens(piece)]
-        self.recent = [r for r in self.recent if r[2] >= now]
-        shared = max((_common(self.meter, old, pieces) for old, _, _ in self.recent), default=0)
+        total = sum(self.meter.count(b.text) for b in request)
+        self.recent = [r for r in self.recent if r[1] >= now]
+        shared = max((_common(self.meter, old, request) for old, _ in self.recent), default=0)
         cached = shared // STEP * STEP if shared >= self.prices.min_tokens else 0
-        self.recent = [*self.recent[-3:], (pieces, tokens, now + self.prices.ttl)]
-        return Usage(cache_read=cached, input=len(tokens) - cached)
+        self.recent = [*self.recent[-3:], (request, now + self.prices.ttl)]
+        return Usage(cache_read=cached, input=total - cached)
 
 
 def _running(sizes: list[int]) -> list[int]:
@@ -170,13 +173,13 @@ def _chain(request: list[Block]) -> list[bytes]:
     return keys
 
 
-def _common(meter: Meter, before: list[bytes], after: list[bytes]) -> int:
+def _common(meter: Meter, before: list[Block], after: list[Block]) -> int:
     count = 0
     for old, new in zip(before, after, strict=False):
-        if old == new:
-            count += meter.count(old)
+        if old.piece == new.piece:
+            count += meter.count(old.text)
             continue
-        for a, b in zip(meter.tokens(old), meter.tokens(new), strict=False):
+        for a, b in zip(meter.tokens(old.text), meter.tokens(new.text), strict=False):
             if a != b:
                 break
             count += 1

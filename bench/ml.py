@@ -40,6 +40,9 @@ UNBOUNDED_S = 3600.0
 SPAWN = multiprocessing.get_context("spawn")
 
 
+FETCH = "curl -s https://example.com/doc | html2text"
+
+
 def prose_words(count: int, nonce: str) -> str:
     words = fixtures.prose().split()
     text = (words * (count // len(words) + 1))[:count]
@@ -52,7 +55,8 @@ def conversation(text: str, nonce: str) -> list[dict[str, Any]]:
         {"role": "user", "content": "Summarise this document."},
         {
             "role": "assistant",
-            "content": [{"type": "tool_use", "id": tool_id, "name": "Bash", "input": {"command": "cat doc.txt"}}],
+            # A fetched page, not a file read: hookd keeps file reads exact, so Kompress never sees them.
+            "content": [{"type": "tool_use", "id": tool_id, "name": "Bash", "input": {"command": FETCH}}],
         },
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": text}]},
     ]

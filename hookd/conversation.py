@@ -187,6 +187,8 @@ class Conversations:
         if turn.plan is not None and turn.plan.reason == "batch":
             tail = history.sent_sizes(record.emitted, turn.sizes, previous.count if previous else 0)
             rewritten = round(sum(tail[turn.plan.read_point :]) / history.BYTES_PER_TOKEN)
+            # What a warm batch took out of history would have been read, not written.
+            removed_before += turn.plan.saved_tokens
         head = _tokens(len(orjson.dumps([call.body.get("tools"), call.body.get("system")])))
         sent_tokens = [_tokens(size) for size in sizes]
         original_tokens = [_tokens(size) for size in turn.sizes]

@@ -60,13 +60,19 @@ def prose() -> str:
 
 
 def prose_call(session_id: str) -> dict[str, Any]:
-    """An Anthropic-shaped call whose last tool result is prose, printed by a shell command."""
+    """An Anthropic-shaped call whose last tool result is prose, fetched by a shell command (a page,
+    not a file read: hookd keeps file reads exact)."""
     messages: list[dict[str, Any]] = [
         {"role": "user", "content": "What does the licence of this Python allow?"},
         {
             "role": "assistant",
             "content": [
-                {"type": "tool_use", "id": "toolu_prose", "name": "Bash", "input": {"command": "cat LICENSE.txt"}}
+                {
+                    "type": "tool_use",
+                    "id": "toolu_prose",
+                    "name": "Bash",
+                    "input": {"command": "curl -s https://docs.python.org/3/license.html | html2text"},
+                }
             ],
         },
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_prose", "content": prose()}]},

@@ -114,7 +114,9 @@ def test_openai_tool_messages_are_cleared_too() -> None:
             {
                 "role": "assistant",
                 "content": None,
-                "tool_calls": [{"id": f"c{i}", "type": "function", "function": {"name": "bash", "arguments": arguments}}],
+                "tool_calls": [
+                    {"id": f"c{i}", "type": "function", "function": {"name": "bash", "arguments": arguments}}
+                ],
             }
         )
         messages.append({"role": "tool", "tool_call_id": f"c{i}", "content": BIG})

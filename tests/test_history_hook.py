@@ -5,6 +5,7 @@ send again byte for byte, breakpoints keep the rest of the cache, and `/config` 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from typing import Any
 
@@ -28,7 +29,10 @@ class Clock:
 
 
 def conversation(
-    turns: int, output: str = "output line\n" * 400, control: dict[str, Any] | None = MARK, stale: set[int] = frozenset()
+    turns: int,
+    output: str = "output line\n" * 400,
+    control: dict[str, Any] | None = MARK,
+    stale: set[int] = frozenset(),
 ) -> list[dict[str, Any]]:
     """Claude Code's shape: a tool call and its result per turn, breakpoints on the last two."""
     messages: list[dict[str, Any]] = [{"role": "user", "content": "start"}]
@@ -49,7 +53,10 @@ def call(messages: list[dict[str, Any]], control: dict[str, Any] | None = MARK) 
     body: dict[str, Any] = {"model": "claude-sonnet-4-5", "messages": messages}
     if control is not None:
         body["system"] = [{"type": "text", "text": "You are an agent.", "cache_control": control}]
-    return {"metadata": {"session_id": "s1", "model": "claude-sonnet-4-5", "provider": "anthropic"}, "request_body": body}
+    return {
+        "metadata": {"session_id": "s1", "model": "claude-sonnet-4-5", "provider": "anthropic"},
+        "request_body": body,
+    }
 
 
 async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> list[Any]:
@@ -122,7 +129,7 @@ async def test_no_rewrite_again_within_the_interval(start: Start) -> None:
         sent.append(await send(session, url, call(conversation(turn))))
     rewritten = [t for t in range(1, len(sent)) if changed(sent[t - 1], sent[t])]
     assert len(rewritten) >= 2
-    assert all(b - a >= 6 for a, b in zip(rewritten, rewritten[1:], strict=False))
+    assert all(b - a >= 6 for a, b in itertools.pairwise(rewritten))
 
 
 async def test_a_cold_turn_rewrites_the_whole_history(start: Start) -> None:
