@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from bench.quality import strings
+from hookd.history import strings
 from hookd.prices import Prices, Usage
 from worker import offline
 

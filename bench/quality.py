@@ -32,6 +32,8 @@ from typing import Any
 import orjson
 from headroom.transforms import lossless_compaction
 
+from hookd.history import strings
+
 LINE_NUMBER = re.compile(r"^ *\d+(?:→|\t)", re.MULTILINE)
 BACKTICKED = re.compile(r"`([^`\n]{3,200})`")
 IDENTIFIER = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]{3,}(?![A-Za-z0-9_])")
@@ -118,18 +120,6 @@ def age_bucket(age: int) -> str:
 
 def unnumbered(text: str) -> str:
     return LINE_NUMBER.sub("", text)
-
-
-def strings(value: Any) -> Iterator[str]:
-    """Every string inside a JSON value."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, list):
-        for item in value:
-            yield from strings(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from strings(item)
 
 
 def visible_text(messages: list[Any], unfolded: dict[str, str] | None = None) -> str:

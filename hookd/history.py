@@ -143,7 +143,7 @@ def _size(form: Any) -> int:
 
 def pointers(form: Any) -> Iterator[tuple[int, str]]:
     """(message number, anchor text) of every dedup pointer in a message."""
-    for text in _strings(form):
+    for text in strings(form):
         if "same as msg" not in text:
             continue
         for match in POINTER.finditer(text):
@@ -181,18 +181,19 @@ def _dangling(final: dict[int, Any], holders: set[int]) -> list[tuple[int, int]]
     broken = []
     for source in holders:
         for target, anchor in pointers(final.get(source)):
-            text = "\0".join(_strings(final.get(target)))
+            text = "\0".join(strings(final.get(target)))
             if anchor and anchor not in text:
                 broken.append((source, target))
     return broken
 
 
-def _strings(value: Any) -> Iterator[str]:
+def strings(value: Any) -> Iterator[str]:
+    """Every string inside a JSON value."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, list):
         for item in value:
-            yield from _strings(item)
+            yield from strings(item)
     elif isinstance(value, dict):
         for item in value.values():
-            yield from _strings(item)
+            yield from strings(item)
