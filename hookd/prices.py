@@ -84,6 +84,8 @@ class Usage:
         self.cache_read += other.cache_read
         self.cache_write += other.cache_write
         self.cache_write_long += other.cache_write_long
+
+
 MAX_ROWS = 64
 MAX_ROW_NAME = 64
 

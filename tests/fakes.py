@@ -87,7 +87,6 @@ class FakeCompressor:
             before = after = 0
         return Result(messages=messages, tokens_before=before, tokens_after=after, model_limit=200000, slot=0)
 
-
     def _history_only(self, job: Job) -> list[Any]:
         if job.frozen or len(job.messages) <= 2:
             return list(job.messages)
