@@ -411,6 +411,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         sticky_ttl=args.sticky_ttl,
         hook_token=hook_token,
         admin_token=admin_token,
+        allow_unauthenticated=args.allow_unauthenticated,
         max_user_labels=args.max_user_labels,
         user_hash_key=user_hash_key.encode() if user_hash_key else None,
         state_timeout=args.state_timeout,

@@ -78,6 +78,9 @@ class Settings:
     # Tokens, read from files at start-up; kept out of repr so they never reach a log.
     hook_token: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
+    # Serve a non-loopback address without a hook token (--allow-unauthenticated); checked again
+    # for a socket systemd passes, whose address --listen does not decide.
+    allow_unauthenticated: bool = False
     # Usage metrics: distinct users counted by name before the rest go to "other", and the key
     # that hashes login names into labels (--hash-users); kept out of repr like the tokens.
     max_user_labels: int = 200

@@ -122,12 +122,14 @@ def test_readiness_and_the_systemd_protocol(tmp_path: Path) -> None:
         notify.close()
 
 
-def test_unit_file_verifies_clean() -> None:
+@pytest.mark.parametrize("units", [["hookd.service"], ["hookd.socket"], ["hookd.socket", "hookd.service"]])
+def test_unit_files_verify_clean(units: list[str]) -> None:
+    """The service alone (it works without the socket), the socket (which starts the service of
+    its name, found beside it), and the two together."""
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze not installed (Debian package systemd)")
-    result = subprocess.run(
-        ["systemd-analyze", "verify", str(REPO / "systemd" / "hookd.service")], capture_output=True, text=True
-    )
+    paths = [str(REPO / "systemd" / unit) for unit in units]
+    result = subprocess.run(["systemd-analyze", "verify", *paths], capture_output=True, text=True)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
