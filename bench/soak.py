@@ -7,8 +7,9 @@
 Each client replays every corpus session turn by turn, in a loop; every pass gives the sessions
 new ids, so hookd sees a steady stream of new conversations, as in production. Every --interval
 seconds it samples the resident memory of the front end and of each worker (the front end is the
-workers' parent; run on the same machine as hookd) and the latency of the requests answered
-since the last sample, and prints one line. At the end it prints a summary and writes everything
+workers' parent; run on the same machine as hookd), the memory held for conversations (sticky
+records, bounded by --sticky-max-mb) and the latency of the requests answered since the last
+sample, and prints one line. At the end it prints a summary and writes everything
 as JSON (default bench/results/soak-<time>.json). Not run in CI.
 """
 
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import statistics
 import sys
 import tempfile
 import time
@@ -107,12 +109,19 @@ class Soak:
                 with contextlib.suppress(OSError, ValueError):
                     rss[name] = round(report.rss_mb(pid), 1)
             window, self.window = self.window, []
-            row = {"t_s": round(time.monotonic() - began, 1), "rss_mb": rss, "requests": len(window)}
+            # The front end's one large, bounded (--sticky-max-mb) use of memory: growth beyond
+            # it is what a soak looks for.
+            sticky_mb = report.metric(get(self.url + "metrics")[1].decode(), "hookd_sticky_bytes") / 2**20
+            row = {"t_s": round(time.monotonic() - began, 1), "rss_mb": rss, "sticky_mb": round(sticky_mb, 1)}
+            row["requests"] = len(window)
             row.update(report.latency_ms(window) if window else {})
             self.samples.append(row)
             memory = " ".join(f"{name}={mb:.0f}" for name, mb in rss.items())
             latency = f"p50={row.get('p50_ms', 0):6.0f} ms  p99={row.get('p99_ms', 0):6.0f} ms"
-            print(f"{row['t_s']:7.1f}s  {len(window):4d} req  {latency}  rss MB: {memory}", flush=True)
+            print(
+                f"{row['t_s']:7.1f}s  {len(window):4d} req  {latency}  rss MB: {memory} (sticky {sticky_mb:.0f})",
+                flush=True,
+            )
             if time.monotonic() >= deadline:
                 return
             await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
@@ -120,7 +129,8 @@ class Soak:
 
 def summary(soak: Soak, before: str, after: str) -> dict[str, Any]:
     """Totals, latency over the whole run, and memory from warm (a quarter of the run in, at most
-    a minute) to the end."""
+    a minute) to the end; `plateau` is the mean of the last quarter of the samples against the
+    quarter before (about 0 once memory has stopped growing, as tests/test_load.py judges it)."""
     warm_s = min(60.0, soak.samples[-1]["t_s"] / 4)
     warm = [s for s in soak.samples if s["t_s"] >= warm_s] or soak.samples[-1:]
     memory: dict[str, dict[str, float]] = {}
@@ -128,6 +138,10 @@ def summary(soak: Soak, before: str, after: str) -> dict[str, Any]:
         series = [s["rss_mb"][name] for s in warm if name in s["rss_mb"]]
         memory[name] = {"warm": series[0], "max": max(series), "last": series[-1]}
         memory[name]["growth"] = round((series[-1] - series[0]) / series[0], 4)
+        whole = [s["rss_mb"][name] for s in soak.samples if name in s["rss_mb"]]
+        quarter = max(1, len(whole) // 4)
+        previous, last = statistics.fmean(whole[-2 * quarter : -quarter] or whole), statistics.fmean(whole[-quarter:])
+        memory[name]["plateau"] = round((last - previous) / previous, 4)
     counters = ("hookd_worker_restarts_total", "hookd_worker_recycles_total")
     outcomes = ("modify", "allow(noop)", "allow(error)", "allow(overload)", "allow(invalid-output)")
     return {
