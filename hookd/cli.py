@@ -198,15 +198,17 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         type=non_negative_int,
         default=env_value(env, "STICKY_MAX_MB", non_negative_int, 256),
         metavar="MB",
-        help="memory for what each conversation was sent before (sticky mode); least recently "
-        "used conversations go first (default %(default)s)",
+        help="memory for what each conversation was sent before (every history mode but plain); least "
+        "recently used conversations go first; rewrite candidates take up to half as much again "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--sticky-ttl",
         type=positive_float,
-        default=env_value(env, "STICKY_TTL", positive_float, 3600.0),
+        default=env_value(env, "STICKY_TTL", positive_float, 7200.0),
         metavar="SECONDS",
-        help="forget a conversation idle this long, as the provider's cache would (default %(default)s)",
+        help="forget a conversation idle this long; longer than the longest provider cache (1 h), so "
+        "a conversation that comes back after its cache expired gets a cold turn (default %(default)s)",
     )
     parser.add_argument(
         "--worker-max-rss",

@@ -142,7 +142,6 @@ class Metrics:
         self.markers_removed = Counter(
             "hookd_retrieval_markers_removed", "Retrieval markers kept out of answers", registry=r
         )
-
         # Shared conversation state (--state-url): Redis's health as the requests saw it.
         self.state_duration = Histogram(
             "hookd_state_call_seconds", "Redis calls, by operation", ["op"], buckets=STATE_BUCKETS, registry=r

@@ -55,10 +55,11 @@ class Settings:
     max_decoded_bytes: int = MAX_DECODED_BYTES
     # Workers get this long to import headroom and compress their warm-up samples.
     warmup_timeout: float = 120.0
-    # Sticky mode's memory of what each conversation was sent: bounded by total size and by idle
-    # time. An hour covers the longest provider cache lifetime (Anthropic's 1 h breakpoints).
+    # The memory of what each conversation was sent: bounded by total size and by idle time. Two
+    # hours outlive the longest provider cache (Anthropic's 1 h breakpoints), so a conversation that
+    # returns after its cache expired is known, and gets its cold turn.
     sticky_max_mb: int = 256
-    sticky_ttl: float = 3600.0
+    sticky_ttl: float = 7200.0
     # A worker whose resident memory passes this is replaced between requests (0: never).
     # headroom's caches are bounded (64 MB result cache) but Python's heap rarely shrinks; with
     # the ML model a worker sits near 0.7 GB.
@@ -78,13 +79,13 @@ class Settings:
     # Tokens, read from files at start-up; kept out of repr so they never reach a log.
     hook_token: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
-    # Serve a non-loopback address without a hook token (--allow-unauthenticated); checked again
-    # for a socket systemd passes, whose address --listen does not decide.
-    allow_unauthenticated: bool = False
     # Usage metrics: distinct users counted by name before the rest go to "other", and the key
     # that hashes login names into labels (--hash-users); kept out of repr like the tokens.
     max_user_labels: int = 200
     user_hash_key: bytes | None = field(default=None, repr=False)
+    # Serve a non-loopback address without a hook token (--allow-unauthenticated); checked again
+    # for a socket systemd passes, whose address --listen does not decide.
+    allow_unauthenticated: bool = False
     # Conversation records shared by every replica in Redis (None: this process's memory only).
     # The URL may carry a password, and the key seals every value: none of them in a repr.
     state_url: str | None = field(default=None, repr=False)
