@@ -115,6 +115,6 @@ class Candidates:
             if form is not sent:
                 encoded = orjson.dumps(form)
                 if len(encoded) < len(orjson.dumps(sent)):
-                    forms[index] = encoded
+                    forms[index] = sticky.kept(encoded)
         covered = record.digests[: len(job.messages) * sticky.DIGEST]
         self.put(key, Candidate(record.generation, covered, record.cache.requests, forms))

@@ -85,13 +85,19 @@ def test_records_expire_after_the_ttl() -> None:
 
 def test_least_recently_used_records_go_first_when_memory_is_full() -> None:
     big = {0: b"x" * 1000}
-    store = sticky.Store(max_bytes=3 * (1000 + sticky.DIGEST + sticky.RECORD_OVERHEAD), ttl=60)
+    store = sticky.Store(max_bytes=3 * record_for([user("a")], dict(big)).size, ttl=60)
     for name in (b"a", b"b", b"c"):
         store.commit(name, record_for([user(name.decode())], dict(big)))
     assert store.lookup(b"a", sticky.digests([user("a")])) is not None
     store.commit(b"d", record_for([user("d")], dict(big)))
     assert set(store.records) == {b"a", b"c", b"d"}
     assert store.bytes <= store.max_bytes
+
+
+def test_a_kept_message_costs_its_own_size_not_orjson_s_buffer() -> None:
+    encoded = orjson.dumps(user("a short message"))
+    assert sticky.kept(encoded) == encoded
+    assert sticky.kept(encoded) is not encoded
 
 
 def test_a_record_larger_than_the_budget_is_not_kept() -> None:
