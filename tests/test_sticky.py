@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import orjson
@@ -94,10 +95,21 @@ def test_least_recently_used_records_go_first_when_memory_is_full() -> None:
     assert store.bytes <= store.max_bytes
 
 
-def test_a_kept_message_costs_its_own_size_not_orjson_s_buffer() -> None:
-    encoded = orjson.dumps(user("a short message"))
-    assert sticky.kept(encoded) == encoded
-    assert sticky.kept(encoded) is not encoded
+def test_the_memory_records_take_is_about_what_they_count() -> None:
+    """--sticky-max-mb bounds real memory only if a record's count is near what it holds
+    (orjson's 8 KiB output buffers once made it ~10x)."""
+    store = sticky.Store(max_bytes=1 << 30, ttl=60)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(200):
+            originals = [user(f"start {n}"), tool_result(f"t{n}", "x" * 400)]
+            sent = [originals[0], tool_result(f"t{n}", "short")]
+            store.commit(str(n).encode(), sticky.remember(None, sticky.digests(originals), originals, sent))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * store.bytes, (held, store.bytes)
 
 
 def test_a_record_larger_than_the_budget_is_not_kept() -> None:
