@@ -27,6 +27,8 @@ class Job:
     offset: int = 0
     # Fold the new messages' output against what the worker has seen of this conversation.
     dedup: bool = False
+    # Count the tokens of every changed message, before and after (Result.counts).
+    count: bool = False
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Result:
     placement: str = "any"
     markers_removed: int = 0
     rss_mb: float = 0.0
+    # index -> (tokens before, tokens after) of each changed message, when the job asked.
+    counts: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class CompressorError(Exception):

@@ -91,11 +91,11 @@ class Conversations:
         sizes = history.sent_sizes(previous.emitted, turn.sizes, previous.count)
         sent = [sticky.strip_cache_control(m) for m in turn.prefix]
         if candidate is not None:
-            forms = candidate.decoded()
+            forms, saved = candidate.decoded(), candidate.saved
         else:
             # Nothing made ahead of time, and the provider writes everything again anyway: this
             # is the one time a rewrite is free, worth a worker's time inside the request.
-            forms = await self._candidate_now(job_for(sent), sent)
+            forms, saved = await self._candidate_now(job_for(sent), sent)
         pointing = {i for i, stored in previous.emitted.items() if history.POINTS in stored}
         chosen = history.choose(knobs, forms, sent, sizes, call.messages, pointing)
         if cold:
@@ -103,17 +103,20 @@ class Conversations:
         else:
             plan = history.plan_batch(knobs, chosen, sizes, previous.cache, turn.prices, turn.now)
         if plan is not None:
+            plan.counted(saved, sizes)
             self._apply(turn, call, plan)
 
-    async def _candidate_now(self, job: Job, sent: list[Any]) -> dict[int, Any]:
+    async def _candidate_now(self, job: Job, sent: list[Any]) -> tuple[dict[int, Any], dict[int, int]]:
+        """Forms for the history, and the tokens each takes out."""
         try:
             result = await self.compressor.compress(job)
         except Exception as exc:
             log.info("no cold rewrite this turn: %s", exc)
-            return {}
+            return {}, {}
         if result.tokens_before <= 0 or len(result.messages) != len(sent):
-            return {}
-        return {i: form for i, form in enumerate(result.messages) if form is not sent[i]}
+            return {}, {}
+        forms = {i: form for i, form in enumerate(result.messages) if form is not sent[i]}
+        return forms, {i: before - after for i, (before, after) in result.counts.items()}
 
     def _apply(self, turn: Turn, call: protocol.HookCall, plan: history.Plan) -> None:
         count = len(turn.prefix)
@@ -165,7 +168,7 @@ class Conversations:
         if not turn.strong or not self.candidates.due(turn.key, record, sum(sizes)):
             return None
         messages = [sticky.strip_cache_control(m) for m in sent]
-        job = Job(messages=messages, model=call.model, key=turn.session, knobs=self.knobs(), strong=True)
+        job = Job(messages=messages, model=call.model, key=turn.session, knobs=self.knobs(), strong=True, count=True)
         return lambda: self.candidates.refresh(self.compressor, turn.key, job, record)
 
     def facts(

@@ -66,10 +66,19 @@ class Plan:
     read_point: int  # the prefix still read from cache; a breakpoint goes there
     forms: dict[int, Any] = field(default_factory=dict)
     saved_bytes: int = 0
+    # Tokens the rewrite takes out; from bytes until the worker's counts are known (`counted`).
+    saved_tokens: int = 0
 
-    @property
-    def saved_tokens(self) -> int:
-        return round(self.saved_bytes / BYTES_PER_TOKEN)
+    def __post_init__(self) -> None:
+        self.saved_tokens = self.saved_tokens or round(self.saved_bytes / BYTES_PER_TOKEN)
+
+    def counted(self, saved: dict[int, int], sizes: list[int]) -> None:
+        """Tokens by the worker's count where it gave one (`saved`: index -> tokens taken out),
+        by bytes for forms it did not make (clearing's notes)."""
+        self.saved_tokens = sum(
+            saved[i] if i in saved else round((sizes[i] - _size(form)) / BYTES_PER_TOKEN)
+            for i, form in self.forms.items()
+        )
 
 
 def sent_sizes(emitted: dict[int, bytes], original_sizes: list[int], count: int) -> list[int]:

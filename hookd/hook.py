@@ -255,7 +255,9 @@ class Hook:
         """The history as sent, whole, for the strong pipeline: a cold turn's rewrite."""
         wait = affinity_wait(self.store.values["affinity_wait"], rec.in_bytes)
         knobs = self.conversations.knobs()
-        return Job(messages=sent, model=call.model, key=session, knobs=knobs, affinity_wait=wait, strong=True)
+        return Job(
+            messages=sent, model=call.model, key=session, knobs=knobs, affinity_wait=wait, strong=True, count=True
+        )
 
     async def run_job(
         self, call: protocol.HookCall, session: bytes, turn: Turn | None, rec: summary.Record

@@ -323,6 +323,7 @@ class WorkerPool:
                 "strong": job.strong,
                 "offset": job.offset,
                 "session": job.key.hex() if job.dedup else "",
+                "count": job.count,
             }
             payload = orjson.dumps(frame)
         except orjson.JSONEncodeError as exc:
@@ -390,6 +391,7 @@ def _result_from(reply: dict[str, Any], request_id: int, messages: list[Any]) ->
         worker_ms=float(reply["worker_ms"]),
         markers_removed=int(reply.get("markers_removed", 0)),
         rss_mb=float(reply.get("rss_mb", 0.0)),
+        counts={int(i): (int(before), int(after)) for i, before, after in reply.get("counts", [])},
     )
 
 

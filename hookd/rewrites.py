@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -40,6 +40,7 @@ class Candidate:
     digests: bytes  # the original messages it covers (a prefix of the record's)
     made_at: int  # the record's request count when it was made
     forms: dict[int, bytes]  # index -> compressed form, where smaller than what was sent
+    saved: dict[int, int] = field(default_factory=dict)  # index -> tokens the form takes out
 
     @property
     def count(self) -> int:
@@ -116,5 +117,6 @@ class Candidates:
                 encoded = orjson.dumps(form)
                 if len(encoded) < len(orjson.dumps(sent)):
                     forms[index] = sticky.kept(encoded)
+        saved = {i: before - after for i, (before, after) in result.counts.items() if i in forms}
         covered = record.digests[: len(job.messages) * sticky.DIGEST]
-        self.put(key, Candidate(record.generation, covered, record.cache.requests, forms))
+        self.put(key, Candidate(record.generation, covered, record.cache.requests, forms, saved))

@@ -203,12 +203,15 @@ class Engine:
         strong: bool = False,
         offset: int = 0,
         session: str = "",
+        count: bool = False,
     ) -> dict[str, Any]:
         """Compress `messages`, leaving the first `frozen` exactly as they are. Token counts
         cover only the messages after the frozen ones: the front end knows the rest. `strong`
         picks the history policy's pipeline; `offset` is where `messages` start in the
         conversation; with a `session`, the new messages' output is deduplicated against
-        everything this worker has seen of that conversation (worker.dedup)."""
+        everything this worker has seen of that conversation (worker.dedup). With `count`, the
+        reply says how many tokens each changed message had and has (the history policy bills
+        rewrites by them)."""
         started = time.perf_counter()
         counting = self._cached(self._counting, model, counting_model)
         limit = self._cached(self._limits, model, model_limit)
@@ -230,6 +233,8 @@ class Engine:
                 reply["tokens_before"], reply["tokens_after"] = self._recount(
                     counting, messages, reply["changed"], frozen
                 )
+            if count:
+                reply["counts"] = self._counts(counting, messages, reply["changed"])
         return reply | {
             "model_limit": limit,
             "markers_removed": removed,
@@ -270,6 +275,14 @@ class Engine:
                 continue
             changed.append([index, after])
         return changed, removed
+
+    @staticmethod
+    def _counts(model: str, original: list[Any], changed: list[list[Any]]) -> list[list[int]]:
+        tokenizer = _compress_module._get_pipeline()._get_tokenizer(model)
+        return [
+            [index, int(tokenizer.count_messages([original[index]])), int(tokenizer.count_messages([message]))]
+            for index, message in changed
+        ]
 
     @staticmethod
     def _recount(model: str, original: list[Any], changed: list[list[Any]], frozen: int) -> tuple[int, int]:

@@ -67,6 +67,7 @@ def handle(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
             strong=bool(request.get("strong")),
             offset=int(request.get("offset") or 0),
             session=str(request.get("session") or ""),
+            count=bool(request.get("count")),
         )
     except Exception as exc:
         # compress() swallows its own errors; this is for ours (a knob headroom refused, say).
