@@ -88,9 +88,11 @@ def expires(state: CacheState, prices: Prices) -> float:
     return state.sent_at + prices.ttl
 
 
-def cold(state: CacheState, prices: Prices, now: float) -> bool:
-    """Nothing of this conversation can still be in the provider's cache."""
-    return state.requests > 0 and now > expires(state, prices) + COLD_MARGIN_S
+def cold(state: CacheState, prices: Prices, now: float, margin: float = COLD_MARGIN_S) -> bool:
+    """Nothing of this conversation can still be in the provider's cache (`margin` seconds past
+    its expiry: the policy wants certainty before it rewrites; an estimate of the bill wants the
+    likeliest answer, 0)."""
+    return state.requests > 0 and now > expires(state, prices) + margin
 
 
 def read_point(state: CacheState, prices: Prices, start: int, now: float) -> int | None:

@@ -183,7 +183,7 @@ class Conversations:
         """What this request's bill should show, with hookd and without it (see hookd.ledger)."""
         previous = turn.previous
         state = previous.cache if previous is not None else cache_model.CacheState()
-        warm = previous is not None and not cache_model.cold(state, turn.prices, turn.now)
+        warm = previous is not None and not cache_model.cold(state, turn.prices, turn.now, margin=0.0)
         removed_before = previous.tokens_before - previous.tokens_after if previous is not None else 0
         removed = record.tokens_before - record.tokens_after
         rewritten = 0
