@@ -42,6 +42,7 @@ MAX_TOKENS = 100_000_000
 MAX_ID_CHARS = 256
 # Streamed events scanned per document: usage sits in the first and the last ones.
 EDGE_EVENTS = 64
+USAGE_HOLDERS = ("usage", "message", "response", "data", "usageMetadata")
 
 
 class NotUsage(Exception):
@@ -112,6 +113,9 @@ def _streamed(events: Any) -> Usage | None:
 
 
 def _usages_in(event: Any) -> Iterable[dict[str, Any]]:
+    # Most of a stream is text deltas with none of these keys: skipped before any other work.
+    if not isinstance(event, dict) or not any(key in event for key in USAGE_HOLDERS):
+        return
     event = _object(event)
     # Some SSE parsers keep the event name beside its data: {"event": ..., "data": {...}}.
     if isinstance(event.get("data"), dict):

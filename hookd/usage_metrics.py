@@ -64,6 +64,7 @@ class UsageMetrics:
     def __init__(self, registry: CollectorRegistry, models: ModelLabels, users: UserLabels) -> None:
         self.models = models
         self.users = users
+        self.children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         r = registry
         self.events = Counter(
             "hookd_usage_events", "entire_request events received, by what became of them", ["outcome"], registry=r
@@ -142,6 +143,23 @@ class UsageMetrics:
             registry=r,
         )
 
+    def _add(
+        self, by_kind: Counter, weighted: Counter, labels: tuple[str, str, str], usage: Usage, prices: Prices
+    ) -> None:
+        for field, kind in KINDS:
+            # Every kind gets its series, zero or not, so ratios over kinds never miss a term.
+            self._child(by_kind, (*labels, kind)).inc(getattr(usage, field))
+        self._child(weighted, labels).inc(usage.cost(prices))
+
+    def _child(self, counter: Counter, labels: tuple[str, ...]) -> Counter:
+        """`counter.labels(*labels)`, looked up once: prometheus-client validates and locks on
+        every call, and an event touches a dozen series (label values are bounded, so is this)."""
+        key = (id(counter), labels)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = counter.labels(*labels)
+        return child
+
     def who(self, provider: str, model: str, user: str) -> Who:
         return Who(provider_label(provider), self.models.label(model), self.users.label(user))
 
@@ -151,8 +169,8 @@ class UsageMetrics:
         """One request's bill from an event; `removed` is None when hookd had not answered it."""
         labels = (who.provider, who.model, who.user)
         self.requests.labels(*labels, "false" if removed is None else "true").inc()
-        _add(self.billed, self.billed_weighted, labels, billed, prices)
-        _add(self.estimated, self.estimated_weighted, labels, without, prices)
+        self._add(self.billed, self.billed_weighted, labels, billed, prices)
+        self._add(self.estimated, self.estimated_weighted, labels, without, prices)
         if removed:
             self.removed.labels(*labels).inc(removed)
         if dollars:
@@ -162,14 +180,7 @@ class UsageMetrics:
         """One request hookd answered whose event never came: the cache model's figures."""
         labels = (who.provider, who.model, who.user)
         self.modelled_requests.labels(*labels).inc()
-        _add(self.modelled, self.modelled_weighted, labels, billed, prices)
-        _add(self.modelled_without, self.modelled_without_weighted, labels, without, prices)
+        self._add(self.modelled, self.modelled_weighted, labels, billed, prices)
+        self._add(self.modelled_without, self.modelled_without_weighted, labels, without, prices)
         if removed:
             self.removed.labels(*labels).inc(removed)
-
-
-def _add(by_kind: Counter, weighted: Counter, labels: tuple[str, str, str], usage: Usage, prices: Prices) -> None:
-    for field, kind in KINDS:
-        # Every kind gets its series, zero or not, so ratios over kinds never miss a term.
-        by_kind.labels(*labels, kind).inc(getattr(usage, field))
-    weighted.labels(*labels).inc(usage.cost(prices))
