@@ -26,6 +26,16 @@ from bench.progress import Progress
 from bench.replay import attach_lines
 from bench.workloads import Call
 
+# The headroom proxy runs uvicorn, which closes a keep-alive connection after 5 idle seconds; one
+# closed just as the client reuses it fails the request ("Server disconnected"). Idle connections are
+# dropped on the client's side first, well before any contender's own idle timeout.
+CLIENT_IDLE_S = 2.0
+
+
+def client() -> aiohttp.ClientSession:
+    """The HTTP client every contender is measured through."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=CLIENT_IDLE_S))
+
 
 class Tokens:
     """o200k_base tokens of a conversation, counted per message and cached by content.

@@ -94,7 +94,7 @@ async def phase_interleaved(
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     blocks: dict[str, Any] = {}
     startups: dict[str, list[dict[str, Any]]] = {}
-    async with aiohttp.ClientSession() as http:
+    async with drive.client() as http:
         for contender in rng.sample(all_contenders(), len(all_contenders())):
             progress.advance(0, f"interleaved: {contender.label}")
             startups[contender.key] = [await drive.start_measured(contender, work.probe, http)]
@@ -128,7 +128,7 @@ async def phase_alternating(
 ) -> dict[str, Any]:
     contenders = rng.sample(all_contenders(), len(all_contenders()))
     tokens = drive.Tokens()
-    async with aiohttp.ClientSession() as http:
+    async with drive.client() as http:
         try:
             progress.advance(0, "starting every contender")
             # At once: start-up was measured in the first phase, one contender at a time.
