@@ -153,6 +153,12 @@ def cleared_outputs(sent: list[Any]) -> dict[str, int]:
     return found
 
 
+def chosen_sessions(names: str | None, quick: bool) -> list[dict[str, Any]]:
+    """The sessions named on the command line (comma-separated), else the quick set or all."""
+    chosen = set(names.split(",")) if names else QUICK_SESSIONS if quick else None
+    return corpus.sessions(chosen)
+
+
 def times(session: dict[str, Any], clock: str) -> list[float]:
     """When each request is sent: warm, a second apart; else at its recorded time."""
     recorded = corpus.loader().request_times(session) if clock == "gaps" else None
@@ -359,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if not corpus.available():
         print(corpus.why_missing(), file=sys.stderr)
         return 2
-    names = set(args.sessions.split(",")) if args.sessions else QUICK_SESSIONS if args.quick else None
-    sessions = corpus.sessions(names)
+    sessions = chosen_sessions(args.sessions, args.quick)
     modes = tuple(m for m in args.modes.split(",") if m)
     unknown = set(modes) - set(MODES)
     if unknown:

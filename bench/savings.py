@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 
 from bench import billing
-from bench.cache import QUICK_SESSIONS, SESSION_SPACING_S, calls_of, times
+from bench.cache import QUICK_SESSIONS, SESSION_SPACING_S, calls_of, chosen_sessions, times
 from bench.inprocess import Clock, Served, served
 from hookd.estimator import without_hookd
 from hookd.ledger import Facts
@@ -273,8 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if not corpus.available():
         print(corpus.why_missing(), file=sys.stderr)
         return 2
-    names = set(args.sessions.split(",")) if args.sessions else QUICK_SESSIONS if args.quick else None
-    sessions = corpus.sessions(names)
+    sessions = chosen_sessions(args.sessions, args.quick)
     started = time.monotonic()
     rows, printed = [], {}
     for clock_kind in args.clocks.split(","):
