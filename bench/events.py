@@ -2,14 +2,17 @@
 
     python -m bench.events [--quick] [--minutes 5] [--events-per-minute 10000] [--hook-rps 4] [--out DIR]
 
-A real hookd (`tests.hookd_process`, two workers) gets the same hook traffic twice, open loop at
-`--hook-rps`: corpus sessions turn by turn (fixtures built from this machine's command output
-without the corpus), each pass under new session ids. The first run has no events; the second
-adds `--events-per-minute` events, paced evenly: the event for every hook call the moment it is
-answered (matched), the rest for requests hookd never saw (unmatched), in every shape
-(`tests.aperture_events`; streamed ones with a few hundred text deltas, as long answers have).
-Events go over a few keep-alive connections from a raw HTTP client, so the sender costs the
-machine as little as possible: hookd and the sender share its CPUs.
+A real hookd (`tests.hookd_process`, two workers), warmed up with hook traffic and events, gets
+the same hook traffic twice a round, open loop at `--hook-rps`: corpus sessions turn by turn
+(fixtures built from this machine's command output without the corpus), each pass under new
+session ids. One run of a round has no events, the other adds `--events-per-minute` events
+(rounds alternate which comes first), paced evenly: the event for every hook call a quarter of a
+second after it was sent (matched), the rest for requests hookd never saw (unmatched), in every
+shape (`tests.aperture_events`; streamed ones with a few hundred text deltas, as long answers
+have).
+Events go over a few keep-alive connections from a raw HTTP client in a process of its own, as
+they come from Aperture and not from the client that times the hook calls; the sender still costs
+the machine as little as possible, since hookd and the sender share its CPUs.
 
 It reports, per run, hook latency (client-side, p50/p90/p99), events sent and counted, the
 front end's resident memory over the run (sampled every few seconds; workers are separate
@@ -25,10 +28,12 @@ import asyncio
 import contextlib
 import itertools
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,7 @@ import aiohttp
 import orjson
 import psutil
 
+from hookd.events import BACKLOG_DELAY_S
 from hookd.prices import Usage
 from tests import aperture_events, client, corpus, fixtures
 from tests.hookd_process import Hookd
@@ -57,6 +63,9 @@ EVENT_MIX = (
     ("openai-stream", False),
 )
 RSS_EVERY_S = 5.0
+SENDER_START_S = 3.0  # time for the sender's process to start before the run begins
+MATCH_AFTER_S = 0.25  # a hook call's event is sent this long after the call was
+DRAIN_S = 5.0
 USERS = 50
 MIB = 1024 * 1024
 LATENCY_RATIO = 1.1
@@ -151,6 +160,7 @@ class EventSender:
         self.templates = templates
         self.run = run
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.busy = 0  # connections waiting for an answer
 
     def request(self, request_id: str, shape: int) -> bytes:
         body = self.templates[shape % len(self.templates)].replace(PLACEHOLDER, request_id.encode())
@@ -168,9 +178,11 @@ class EventSender:
             try:
                 while True:
                     raw = await self.queue.get()
+                    self.busy += 1
                     writer.write(raw)
                     head = await reader.readuntil(b"\r\n\r\n")
                     await reader.readexactly(_content_length(head))
+                    self.busy -= 1
                     self.run.events_sent += 1
                     self.run.events_failed += not head.startswith(b"HTTP/1.1 200")
             except (ConnectionError, asyncio.IncompleteReadError):
@@ -190,23 +202,28 @@ def _content_length(head: bytes) -> int:
 async def drive(
     url: str, port: int, pid: int, run: Run, calls: list[dict[str, Any]], args: argparse.Namespace, events: bool
 ) -> None:
-    stop = time.monotonic() + run.seconds
+    started = time.monotonic() + SENDER_START_S
+    stop = started + run.seconds
     front = psutil.Process(pid)
+    sampler = asyncio.create_task(sample(url, pid, run, stop))
+    context = multiprocessing.get_context("spawn")
+    results, sender_end = context.Pipe(duplex=False)
+    schedule = Schedule(port, run.name, started, run.seconds, args.events_per_minute, args.hook_rps)
+    sender = context.Process(target=send_events, args=(schedule, sender_end), daemon=True) if events else None
+    if sender:
+        sender.start()
+    await asyncio.sleep(max(0.0, started - time.monotonic()))
     cpu = sum(front.cpu_times()[:2])
-    matched: asyncio.Queue[str] = asyncio.Queue()
-    sender = EventSender(port, event_templates(), run)
-    tasks = [asyncio.create_task(sample(url, pid, run, stop))]
-    if events:
-        tasks += [asyncio.create_task(sender.connection()) for _ in range(CONNECTIONS)]
-        tasks.append(asyncio.create_task(pace_events(sender, matched, args.events_per_minute, stop, run)))
     async with aiohttp.ClientSession() as http:
-        await hook_load(http, url, calls, args.hook_rps, stop, run, matched)
+        await hook_load(http, url, calls, args.hook_rps, started, stop, run)
     run.rss_mb.append(front.memory_info().rss / MIB)
     run.cpu_s = sum(front.cpu_times()[:2]) - cpu
-    for task in tasks:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
-            await task
+    if sender:
+        run.events_sent, run.events_failed, run.events_behind_s = await asyncio.to_thread(results.recv)
+        await asyncio.to_thread(sender.join)
+    sampler.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sampler
 
 
 async def hook_load(
@@ -214,12 +231,11 @@ async def hook_load(
     url: str,
     calls: list[dict[str, Any]],
     rps: float,
+    started: float,
     stop: float,
     run: Run,
-    matched: asyncio.Queue[str],
 ) -> None:
     """Open loop: a hook call every 1/rps seconds, each timed from send to the last byte read."""
-    started = time.monotonic()
     in_flight: set[asyncio.Task[None]] = set()
     for number in itertools.count():
         due = started + number / rps
@@ -228,19 +244,21 @@ async def hook_load(
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         index = number % len(calls)
         # Every pass is new conversations to hookd, as in production.
-        metadata = {**calls[index]["metadata"], "request_id": f"{run.name}-{number}"}
+        metadata = {**calls[index]["metadata"], "request_id": request_id(run.name, number)}
         metadata["session_id"] = f"{run.name}-{number // len(calls)}-{metadata.get('session_id')}"
         call = {**calls[index], "metadata": metadata}
-        task = asyncio.create_task(one_hook_call(http, url, call, run, matched))
+        task = asyncio.create_task(one_hook_call(http, url, call, run))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
     if in_flight:
         await asyncio.wait(in_flight)
 
 
-async def one_hook_call(
-    http: aiohttp.ClientSession, url: str, call: dict[str, Any], run: Run, matched: asyncio.Queue[str]
-) -> None:
+def request_id(run_name: str, number: int) -> str:
+    return f"{run_name}-{number}"
+
+
+async def one_hook_call(http: aiohttp.ClientSession, url: str, call: dict[str, Any], run: Run) -> None:
     sent = time.perf_counter()
     try:
         status, _, _ = await client.post(http, url, call)
@@ -249,22 +267,60 @@ async def one_hook_call(
         return
     run.hook_ms.append((time.perf_counter() - sent) * 1000)
     run.hook_errors += status != 200
-    matched.put_nowait(call["metadata"]["request_id"])
 
 
-async def pace_events(
-    sender: EventSender, matched: asyncio.Queue[str], per_minute: float, stop: float, run: Run
-) -> None:
-    """Events evenly paced: the next answered hook call's if there is one, else an unknown id."""
-    started = time.monotonic()
+@dataclass(frozen=True)
+class Schedule:
+    """What the sender process needs: where, when (monotonic clock, shared by processes), how
+    fast, and the hook calls' pace, whose request ids its matched events carry."""
+
+    port: int
+    run_name: str
+    started: float
+    seconds: float
+    per_minute: float
+    hook_rps: float
+
+
+def send_events(schedule: Schedule, results: Connection) -> None:
+    """The sender's process: its own event loop and CPU time, so the client timing the hook calls
+    never waits behind it (Aperture sends events from elsewhere)."""
+    run = Run(schedule.run_name, schedule.seconds)
+    asyncio.run(_send_events(schedule, run))
+    results.send((run.events_sent, run.events_failed, run.events_behind_s))
+
+
+async def _send_events(schedule: Schedule, run: Run) -> None:
+    sender = EventSender(schedule.port, event_templates(), run)
+    connections = [asyncio.create_task(sender.connection()) for _ in range(CONNECTIONS)]
+    await pace_events(sender, schedule, run)
+    # The last events still in the queue or on the wire get their answers.
+    deadline = time.monotonic() + DRAIN_S
+    while (not sender.queue.empty() or sender.busy) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    for task in connections:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
+            await task
+
+
+async def pace_events(sender: EventSender, schedule: Schedule, run: Run) -> None:
+    """Events evenly paced: a hook call's once it has had `MATCH_AFTER_S` to be answered, else an
+    unknown id."""
+    stop = schedule.started + schedule.seconds
+    matched = 0
     for number in itertools.count():
-        due = started + number * 60 / per_minute
+        due = schedule.started + number * 60 / schedule.per_minute
         if due >= stop:
             return
         run.events_behind_s = max(run.events_behind_s, time.monotonic() - due)
         await asyncio.sleep(max(0.0, due - time.monotonic()))
-        request_id = matched.get_nowait() if not matched.empty() else f"elsewhere-{run.name}-{number}"
-        sender.queue.put_nowait(sender.request(request_id, number))
+        if schedule.started + matched / schedule.hook_rps + MATCH_AFTER_S <= time.monotonic():
+            event_id = request_id(schedule.run_name, matched)
+            matched += 1
+        else:
+            event_id = f"elsewhere-{schedule.run_name}-{number}"
+        sender.queue.put_nowait(sender.request(event_id, number))
 
 
 async def sample(url: str, pid: int, run: Run, stop: float) -> None:
@@ -292,14 +348,22 @@ async def measure(args: argparse.Namespace) -> list[Run]:
     calls = hook_traffic()
     runs = []
     with tempfile.TemporaryDirectory() as state, Hookd(state_dir=Path(state), pool_size=2) as hookd:
+        # The warm-up sends events too: both arms then measure the server an operator runs,
+        # its usage series and its waiting requests already there, not one that never saw an event.
         warm = Run("warm-up", args.warmup)
-        await drive(hookd.url, hookd.port, hookd.proc.pid, warm, calls, args, events=False)
+        await drive(hookd.url, hookd.port, hookd.proc.pid, warm, calls, args, events=True)
         for round_number in range(args.rounds):
-            for events in (False, True):
+            # Without then with, then with then without: a drift of the machine over the runs
+            # (another tenant, a warmer cache) falls on both arms alike.
+            order = (False, True) if round_number % 2 == 0 else (True, False)
+            for events in order:
                 run = Run(f"{'with' if events else 'without'}-events-{round_number}", args.minutes * 60)
-                await drive(hookd.url, hookd.port, hookd.proc.pid, run, calls, args, events)
                 async with aiohttp.ClientSession() as http:
-                    run.counted = await gauge(http, hookd.url, "hookd_usage_events_total")
+                    before = await gauge(http, hookd.url, "hookd_usage_events_total")
+                    await drive(hookd.url, hookd.port, hookd.proc.pid, run, calls, args, events)
+                    # The last events are counted once the hook calls stop, at most this late.
+                    await asyncio.sleep(BACKLOG_DELAY_S + 0.5)
+                    run.counted = await gauge(http, hookd.url, "hookd_usage_events_total") - before
                 runs.append(run)
     return runs
 

@@ -47,7 +47,7 @@ class Admin:
         return web.json_response({"status": "starting", "reason": reason, "workers": workers}, status=503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=await self.metrics.render_yielding(), headers={"Content-Type": CONTENT_TYPE})
 
     async def get_config(self, request: web.Request) -> web.Response:
         if not (auth.allowed(request, self.settings.hook_token) or self._is_admin(request)):

@@ -3,9 +3,10 @@
 Aperture calls a post-response hook once a request has completed and does not wait for the
 answer (it drains and ignores it). hookd reads the body under the hook's caps (`--read-timeout`,
 50 MiB on the wire and decoded), answers `{"action":"allow"}` at once (harmless if the URL is
-ever wired as a `pre_request` hook by mistake), and only then decodes and reads the event: the
-usage in it (`hookd.usage`), the facts the hook recorded for the same `request_id`
-(`hookd.ledger`), hookd's estimate of the bill without it (`hookd.estimator`), and the series of
+ever wired as a `pre_request` hook by mistake), and only then, once no hook call is in progress
+(`hookd.deferred`, at most `BACKLOG_DELAY_S` later), decodes and reads the event: the usage in
+it (`hookd.usage`), the facts the hook recorded for the same `request_id` (`hookd.ledger`),
+hookd's estimate of the bill without it (`hookd.estimator`), and the series of
 `hookd.usage_metrics`. No worker is involved, and nothing of the event's content is kept or
 logged: only its token counts and labels reach the counters.
 
@@ -33,6 +34,7 @@ import orjson
 from aiohttp import web
 
 from hookd import auth, codings, estimator, protocol, usage
+from hookd.deferred import Deferred
 from hookd.hook import Hook, ReadError, offload
 from hookd.ledger import Facts
 from hookd.metrics import Metrics
@@ -43,6 +45,10 @@ from hookd.usage_metrics import UsageMetrics, UserLabels, Who
 log = logging.getLogger("hookd.events")
 PATH = "/events"
 SWEEP_S = 30.0
+# Events are counted while no hook call is in progress (`hookd.deferred`), at most this late,
+# with at most this much of them waiting; past it they are counted on arrival.
+BACKLOG_DELAY_S = 1.0
+BACKLOG_BYTES = 16 * 1024 * 1024
 OUTCOMES = (
     "matched",
     "unmatched",
@@ -68,11 +74,13 @@ class Events:
         for outcome in OUTCOMES:
             self.metrics.events.labels(outcome)
         hook.ledger.unmatched = self.modelled
+        self.deferred = Deferred(hook.quiet, BACKLOG_BYTES, BACKLOG_DELAY_S)
         self.metrics.pending.set_function(lambda: len(hook.ledger))
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", PATH, self.receive)
         app.cleanup_ctx.append(self.sweeping)
+        app.cleanup_ctx.append(self.counting)
 
     async def receive(self, request: web.Request) -> web.StreamResponse:
         if not auth.allowed(request, self.settings.hook_token):
@@ -102,6 +110,10 @@ class Events:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await response.prepare(request)
             await response.write_eof()
+        await self.deferred.submit(len(wire), lambda: self.count_body(wire, chain))
+        return response
+
+    async def count_body(self, wire: bytearray, chain: list[str]) -> None:
         try:
             decoded = await offload(len(wire), codings.decode, wire, chain, self.settings.max_decoded_bytes)
         except codings.TooLarge:
@@ -109,13 +121,11 @@ class Events:
         except codings.CorruptBody:
             self.count("decode-error")
         else:
-            del wire
             try:
                 self.settle(decoded)
             except Exception as exc:
                 _bug(exc)
                 self.count("error")
-        return response
 
     def settle(self, decoded: bytes | bytearray) -> None:
         try:
@@ -161,6 +171,14 @@ class Events:
 
     def count(self, outcome: str) -> None:
         self.metrics.events.labels(outcome).inc()
+
+    async def counting(self, app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(self.deferred.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await self.deferred.finish()
 
     async def sweeping(self, app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(self._sweep())

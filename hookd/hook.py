@@ -23,6 +23,7 @@ from hookd.affinity import session_key
 from hookd.compressor import Compressor, CompressorError, Job, Overloaded, Result
 from hookd.config import Store
 from hookd.conversation import Conversations, Turn
+from hookd.deferred import Quiet
 from hookd.ledger import Facts, Ledger
 from hookd.metrics import Metrics
 from hookd.settings import Settings
@@ -110,6 +111,8 @@ class Hook:
         # Set when a shutdown's drain time is up: calls still running are answered allow.
         self.drain_expired = asyncio.Event()
         self.background: set[asyncio.Future[None]] = set()
+        # Whether a hook call is in progress: work nobody waits for waits for none to be.
+        self.quiet = Quiet()
 
     async def hook(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -117,13 +120,14 @@ class Hook:
         self.metrics.inbound.inc()
         self.metrics.inbound_active.inc()
         try:
-            try:
-                answer = await self.decide(request, rec)
-            except Exception:
-                # The last line of fail-open: a bug of ours must still cost the user nothing.
-                log.exception("unexpected failure; answering allow")
-                answer = Answer("allow(error)")
-            response = await self.respond(request, answer, rec)
+            with self.quiet.busy():
+                try:
+                    answer = await self.decide(request, rec)
+                except Exception:
+                    # The last line of fail-open: a bug of ours must still cost the user nothing.
+                    log.exception("unexpected failure; answering allow")
+                    answer = Answer("allow(error)")
+                response = await self.respond(request, answer, rec)
             if answer.after is not None:
                 self.start_background(answer.after)
             return response

@@ -7,8 +7,20 @@ providers come from small fixed sets, model names are capped (see `ModelLabels`)
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+import asyncio
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 from hookd.summary import Record
 
@@ -36,6 +48,14 @@ MAX_MODEL_LABELS = 64
 MAX_LABEL_CHARS = 80
 # Outcomes that mean "we meant to compress and could not": tsheadroom's failed counter.
 FAILED_OUTCOMES = frozenset({"allow(error)", "allow(invalid-output)", "allow(overload)", "modify(history)"})
+# prometheus-client formats ~20 us a sample, and the per-user usage series run to thousands:
+# a page rendered in one go held the event loop, and every hook call behind it, for 30 ms and
+# more. It is rendered this many samples at a time, the loop free between pieces (~2 ms).
+SAMPLES_PER_PIECE = 100
+
+# A `_created` twin of every counter and histogram series doubles the page (and the time to
+# render it); nothing reads them, and they would break the page's pieces (see `pieces`).
+disable_created_metrics()
 
 
 class ModelLabels:
@@ -202,4 +222,34 @@ class Metrics:
             self.rewrite_tokens.labels(rec.rewrite).inc(rec.rewrite_tokens)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return b"".join(self.pieces())
+
+    async def render_yielding(self) -> bytes:
+        """The page, rendered a piece at a time with the event loop free between pieces, so a
+        scrape cannot hold up the hook calls that arrive while it is being written."""
+        parts = []
+        for part in self.pieces():
+            parts.append(part)
+            await asyncio.sleep(0)
+        return b"".join(parts)
+
+    def pieces(self) -> Iterator[bytes]:
+        """The exposition format in pieces of at most `SAMPLES_PER_PIECE` samples. A family
+        split over pieces keeps its `# HELP` and `# TYPE` lines in the first only: the format
+        allows them once per family, its samples following them together."""
+        for family in self.registry.collect():
+            for start in range(0, max(len(family.samples), 1), SAMPLES_PER_PIECE):
+                piece = Metric(family.name, family.documentation, family.type, family.unit)
+                piece.samples = family.samples[start : start + SAMPLES_PER_PIECE]
+                text = generate_latest(_Family(piece))
+                yield text if start == 0 else text.split(b"\n", 2)[2]
+
+
+class _Family:
+    """One family in the shape `generate_latest` reads from a registry."""
+
+    def __init__(self, family: Metric) -> None:
+        self.family = family
+
+    def collect(self) -> list[Metric]:
+        return [self.family]

@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from hookd import cli
+from hookd import events as events_endpoint
 from hookd.ledger import Facts
 from hookd.prices import Usage
 from tests import aperture_events
@@ -308,6 +309,49 @@ async def test_a_flood_of_events_holds_no_state(serve: Callable[..., Any], anthr
     assert list(served.hook.ledger.entries) == ["req-kept"]
     users = {dict(labels)["user"] for (name, labels) in samples if name == "hookd_usage_requests_total"}
     assert len(users) == 201  # 200 of their own, then "other"
+
+
+async def held_call(served: Served, messages: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, asyncio.Event]:
+    """A hook call held inside the compressor until the returned event is set."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    compress = served.hook.compressor.compress
+
+    async def held(job: Any) -> Any:
+        entered.set()
+        await release.wait()
+        return await compress(job)
+
+    monkeypatch.setattr(served.hook.compressor, "compress", held)
+    call = asyncio.create_task(served.call("req-held", messages))
+    await entered.wait()
+    return call, release
+
+
+async def counted(served: Served, expected: dict[str, float], within: float = 5.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + within
+    while outcomes(await served.metrics()) != expected:
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize("delay", [60.0, 0.2])
+async def test_an_event_during_a_hook_call_is_counted_after_the_call_or_the_delay(
+    serve: Callable[..., Any], anthropic_messages: Any, monkeypatch: pytest.MonkeyPatch, delay: float
+) -> None:
+    monkeypatch.setattr(events_endpoint, "BACKLOG_DELAY_S", delay)
+    served = await serve()
+    call, release = await held_call(served, anthropic_messages, monkeypatch)
+    assert await served.event(aperture_events.event("anthropic", "elsewhere", ANTHROPIC_BILL)) == 200
+    if delay > 10:
+        assert outcomes(await served.metrics()) == {}, "counted while a hook call was in progress"
+        release.set()
+        assert await call == "modify"
+    # Counted once no hook call is in progress, or once it has waited `BACKLOG_DELAY_S`.
+    assert await counted(served, {"unmatched": 1})
+    release.set()
+    assert await call == "modify"
 
 
 async def test_a_bug_in_counting_costs_neither_the_event_nor_the_hook(

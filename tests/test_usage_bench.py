@@ -19,7 +19,10 @@ def test_events_on_top_of_hook_traffic_are_all_answered_and_counted(tmp_path: Pa
     document = json.loads((tmp_path / "results.json").read_text())
     without, with_events = document["runs"]
     assert with_events["events_sent"] > 500 and with_events["events_failed"] == 0
-    assert with_events["events_counted"] >= with_events["events_sent"]
+    # Every event answered is counted; at most one a connection was cut off mid-answer at the end.
+    sent = with_events["events_sent"]
+    assert sent <= with_events["events_counted"] <= sent + events.CONNECTIONS
+    assert without["events_counted"] == 0
     assert without["hook_errors"] == with_events["hook_errors"] == 0
     assert with_events["hook_requests"] == without["hook_requests"] > 0
     # The front end holds no more for the events than allocator noise; a leak of a few KB an
