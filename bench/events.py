@@ -212,6 +212,8 @@ async def drive(
     sender = context.Process(target=send_events, args=(schedule, sender_end), daemon=True) if events else None
     if sender:
         sender.start()
+    # Only the sender holds its end now: if it dies, `recv` below says so instead of waiting.
+    sender_end.close()
     await asyncio.sleep(max(0.0, started - time.monotonic()))
     cpu = sum(front.cpu_times()[:2])
     async with aiohttp.ClientSession() as http:
