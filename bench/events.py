@@ -1,9 +1,12 @@
 """Events under load: does a flood of `entire_request` events slow the hook or grow hookd?
 
-    python -m bench.events [--quick] [--minutes 5] [--events-per-minute 10000] [--hook-rps 4] [--out DIR]
+    python -m bench.events [--quick] [--minutes 5] [--events-per-minute 10000] [--hook-rps 4] [--rounds N]
+                           [--events-on own-listener|hook-listener] [--out DIR]
 
-A real hookd (`tests.hookd_process`, two workers), warmed up with hook traffic and events, gets
-the same hook traffic twice a round, open loop at `--hook-rps`: corpus sessions turn by turn
+A real hookd (`tests.hookd_process`, two workers; by default with `--events-listen`, events taken
+by a process of their own, `--events-on hook-listener` for /events on the hook's own listener),
+warmed up with hook traffic and events, gets the same hook traffic twice a round, open loop at
+`--hook-rps`: corpus sessions turn by turn
 (fixtures built from this machine's command output without the corpus), each pass under new
 session ids. One run of a round has no events, the other adds `--events-per-minute` events
 (rounds alternate which comes first), paced evenly: the event for every hook call a quarter of a
@@ -15,10 +18,10 @@ they come from Aperture and not from the client that times the hook calls; the s
 the machine as little as possible, since hookd and the sender share its CPUs.
 
 It reports, per run, hook latency (client-side, p50/p90/p99), events sent and counted, the
-front end's resident memory over the run (sampled every few seconds; workers are separate
-processes and not counted), and the most requests ever waiting for their event
-(`hookd_usage_pending_requests`). Pass: p99 with events within 1.1x of without, the front end's
-memory flat, the pending count bounded.
+front end's and the events process's resident memory over the run (sampled every few seconds;
+workers are separate processes and not counted) and CPU time, and the most requests ever waiting
+for their event (`hookd_usage_pending_requests`). Pass: p99 with events, pooled over the rounds,
+within 1.1x of without; memory flat; the pending count bounded.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import psutil
 from hookd.events import BACKLOG_DELAY_S
 from hookd.prices import Usage
 from tests import aperture_events, client, corpus, fixtures
-from tests.hookd_process import Hookd
+from tests.hookd_process import Hookd, free_port
 
 PLACEHOLDER = b"REQUEST-ID-PLACEHOLDER"
 CONNECTIONS = 4
@@ -84,6 +87,8 @@ class Run:
     events_behind_s: float = 0.0  # how late the sender fell behind its schedule, at most
     rss_mb: list[float] = field(default_factory=list)
     cpu_s: float = 0.0  # the front end's CPU time over the run
+    events_rss_mb: list[float] = field(default_factory=list)  # the events process's, when there is one
+    events_cpu_s: float = 0.0
     pending_max: float = 0.0
     counted: float = 0.0
 
@@ -106,6 +111,9 @@ class Run:
             "rss_first_mb": self.rss_mb[0] if self.rss_mb else 0.0,
             "rss_last_mb": self.rss_mb[-1] if self.rss_mb else 0.0,
             "rss_max_mb": max(self.rss_mb, default=0.0),
+            "events_process_cpu_s": self.events_cpu_s,
+            "events_process_rss_first_mb": self.events_rss_mb[0] if self.events_rss_mb else 0.0,
+            "events_process_rss_last_mb": self.events_rss_mb[-1] if self.events_rss_mb else 0.0,
             "pending_max": self.pending_max,
         }
 
@@ -199,27 +207,39 @@ def _content_length(head: bytes) -> int:
     return 0
 
 
-async def drive(
-    url: str, port: int, pid: int, run: Run, calls: list[dict[str, Any]], args: argparse.Namespace, events: bool
-) -> None:
+@dataclass(frozen=True)
+class Target:
+    """The hookd under test: its hook URL, the port events go to, and its processes."""
+
+    url: str
+    events_port: int
+    front: psutil.Process
+    events_process: psutil.Process | None  # with --events-listen
+
+    def processes(self) -> list[psutil.Process]:
+        return [self.front, *([self.events_process] if self.events_process else [])]
+
+
+async def drive(target: Target, run: Run, calls: list[dict[str, Any]], args: argparse.Namespace, events: bool) -> None:
     started = time.monotonic() + SENDER_START_S
     stop = started + run.seconds
-    front = psutil.Process(pid)
-    sampler = asyncio.create_task(sample(url, pid, run, stop))
+    url = target.url
+    sampler = asyncio.create_task(sample(target, run, stop))
     context = multiprocessing.get_context("spawn")
     results, sender_end = context.Pipe(duplex=False)
-    schedule = Schedule(port, run.name, started, run.seconds, args.events_per_minute, args.hook_rps)
+    schedule = Schedule(target.events_port, run.name, started, run.seconds, args.events_per_minute, args.hook_rps)
     sender = context.Process(target=send_events, args=(schedule, sender_end), daemon=True) if events else None
     if sender:
         sender.start()
     # Only the sender holds its end now: if it dies, `recv` below says so instead of waiting.
     sender_end.close()
     await asyncio.sleep(max(0.0, started - time.monotonic()))
-    cpu = sum(front.cpu_times()[:2])
+    cpu = [_cpu_s(p) for p in target.processes()]
     async with aiohttp.ClientSession() as http:
         await hook_load(http, url, calls, args.hook_rps, started, stop, run)
-    run.rss_mb.append(front.memory_info().rss / MIB)
-    run.cpu_s = sum(front.cpu_times()[:2]) - cpu
+    _sample_rss(target, run)
+    used = [_cpu_s(p) - before for p, before in zip(target.processes(), cpu, strict=True)]
+    run.cpu_s, run.events_cpu_s = used[0], sum(used[1:])
     if sender:
         run.events_sent, run.events_failed, run.events_behind_s = await asyncio.to_thread(results.recv)
         await asyncio.to_thread(sender.join)
@@ -325,15 +345,24 @@ async def pace_events(sender: EventSender, schedule: Schedule, run: Run) -> None
         sender.queue.put_nowait(sender.request(event_id, number))
 
 
-async def sample(url: str, pid: int, run: Run, stop: float) -> None:
-    front = psutil.Process(pid)
+async def sample(target: Target, run: Run, stop: float) -> None:
     async with aiohttp.ClientSession() as http:
         while True:
-            run.rss_mb.append(front.memory_info().rss / MIB)
-            run.pending_max = max(run.pending_max, await gauge(http, url, "hookd_usage_pending_requests"))
+            _sample_rss(target, run)
+            run.pending_max = max(run.pending_max, await gauge(http, target.url, "hookd_usage_pending_requests"))
             if time.monotonic() >= stop:
                 return
             await asyncio.sleep(RSS_EVERY_S)
+
+
+def _sample_rss(target: Target, run: Run) -> None:
+    run.rss_mb.append(target.front.memory_info().rss / MIB)
+    if target.events_process is not None:
+        run.events_rss_mb.append(target.events_process.memory_info().rss / MIB)
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    return float(sum(process.cpu_times()[:2]))
 
 
 async def gauge(http: aiohttp.ClientSession, url: str, name: str) -> float:
@@ -346,14 +375,31 @@ async def gauge(http: aiohttp.ClientSession, url: str, name: str) -> float:
     )
 
 
+def start_hookd(state: Path, events_on: str) -> Hookd:
+    if events_on == "hook-listener":
+        return Hookd(state_dir=state, pool_size=2)
+    return Hookd("--events-listen", f"127.0.0.1:{free_port()}", state_dir=state, pool_size=2)
+
+
+def target_of(hookd: Hookd) -> Target:
+    ready = hookd.wait_ready()
+    front = psutil.Process(hookd.proc.pid)
+    if "events_process" not in ready:
+        return Target(hookd.url, hookd.port, front, None)
+    events = ready["events_process"]
+    port = int(events["url"].rsplit(":", 1)[1].split("/")[0])
+    return Target(hookd.url, port, front, psutil.Process(events["pid"]))
+
+
 async def measure(args: argparse.Namespace) -> list[Run]:
     calls = hook_traffic()
     runs = []
-    with tempfile.TemporaryDirectory() as state, Hookd(state_dir=Path(state), pool_size=2) as hookd:
+    with tempfile.TemporaryDirectory() as state, start_hookd(Path(state), args.events_on) as hookd:
+        target = target_of(hookd)
         # The warm-up sends events too: both arms then measure the server an operator runs,
         # its usage series and its waiting requests already there, not one that never saw an event.
         warm = Run("warm-up", args.warmup)
-        await drive(hookd.url, hookd.port, hookd.proc.pid, warm, calls, args, events=True)
+        await drive(target, warm, calls, args, events=True)
         for round_number in range(args.rounds):
             # Without then with, then with then without: a drift of the machine over the runs
             # (another tenant, a warmer cache) falls on both arms alike.
@@ -362,7 +408,7 @@ async def measure(args: argparse.Namespace) -> list[Run]:
                 run = Run(f"{'with' if events else 'without'}-events-{round_number}", args.minutes * 60)
                 async with aiohttp.ClientSession() as http:
                     before = await gauge(http, hookd.url, "hookd_usage_events_total")
-                    await drive(hookd.url, hookd.port, hookd.proc.pid, run, calls, args, events)
+                    await drive(target, run, calls, args, events)
                     # The last events are counted once the hook calls stop, at most this late.
                     await asyncio.sleep(BACKLOG_DELAY_S + 0.5)
                     run.counted = await gauge(http, hookd.url, "hookd_usage_events_total") - before
@@ -374,14 +420,20 @@ def verdict(runs: list[Run]) -> dict[str, Any]:
     without = [r for r in runs if r.name.startswith("without")]
     with_events = [r for r in runs if r.name.startswith("with-")]
     ratio = _rank(_latencies(with_events), 0.99) / max(_rank(_latencies(without), 0.99), 1e-9)
-    growth = max((r.rss_mb[-1] - r.rss_mb[0]) for r in with_events)
+    growth = max(_growth(r.rss_mb) for r in with_events)
+    events_growth = max(_growth(r.events_rss_mb) for r in with_events)
     return {
         "p99_ratio": ratio,
         "p99_within": ratio <= LATENCY_RATIO,
         "rss_growth_mb": growth,
-        "rss_flat": growth <= RSS_SLACK_MB,
+        "events_process_rss_growth_mb": events_growth,
+        "rss_flat": max(growth, events_growth) <= RSS_SLACK_MB,
         "pending_max": max(r.pending_max for r in runs),
     }
+
+
+def _growth(rss_mb: list[float]) -> float:
+    return rss_mb[-1] - rss_mb[0] if rss_mb else 0.0
 
 
 def _latencies(runs: list[Run]) -> list[float]:
@@ -395,12 +447,13 @@ def report(runs: list[Run], result: dict[str, Any], command: str) -> str:
         f"- command: `{command}`",
         f"- hook p99 with events / without: **{result['p99_ratio']:.3f}** (pass: <= {LATENCY_RATIO})",
         f"- front-end RSS growth over an events run: **{result['rss_growth_mb']:+.1f} MB** "
-        f"(flat: <= {RSS_SLACK_MB} MB)",
+        f"(flat: <= {RSS_SLACK_MB} MB); the events process's: **{result['events_process_rss_growth_mb']:+.1f} MB**",
         f"- most requests waiting for their event: {result['pending_max']:.0f}",
         "",
         "| run | s | hook requests | errors | p50 ms | p90 ms | p99 ms | events sent | failed | per minute "
-        "| sender behind s | front-end CPU s | front-end RSS first / last / max MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| sender behind s | front-end CPU s | front-end RSS first / last / max MB | events process CPU s "
+        "| events process RSS first / last MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for run in runs:
         s = run.summary()
@@ -408,7 +461,9 @@ def report(runs: list[Run], result: dict[str, Any], command: str) -> str:
             f"| {s['run']} | {s['seconds']:.0f} | {s['hook_requests']} | {s['hook_errors']} | {s['hook_p50_ms']:.1f} "
             f"| {s['hook_p90_ms']:.1f} | {s['hook_p99_ms']:.1f} | {s['events_sent']} | {s['events_failed']} "
             f"| {s['events_per_minute']:.0f} | {s['events_behind_s']:.2f} | {s['front_end_cpu_s']:.1f} "
-            f"| {s['rss_first_mb']:.1f} / {s['rss_last_mb']:.1f} / {s['rss_max_mb']:.1f} |"
+            f"| {s['rss_first_mb']:.1f} / {s['rss_last_mb']:.1f} / {s['rss_max_mb']:.1f} "
+            f"| {s['events_process_cpu_s']:.1f} "
+            f"| {s['events_process_rss_first_mb']:.1f} / {s['events_process_rss_last_mb']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -422,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="pairs of runs, without then with (default %(default)s)")
     parser.add_argument(
         "--warmup", type=float, default=30.0, help="seconds of hook traffic first (default %(default)s)"
+    )
+    parser.add_argument(
+        "--events-on",
+        choices=("own-listener", "hook-listener"),
+        default="own-listener",
+        help="own-listener: hookd --events-listen, events taken by a process of their own; hook-listener: "
+        "events to /events on the hook's listener (default %(default)s)",
     )
     parser.add_argument("--out", type=Path, help="directory for results.json and report.md")
     args = parser.parse_args(argv)

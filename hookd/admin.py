@@ -10,6 +10,7 @@ from aiohttp import web
 
 from hookd import auth, config, prices
 from hookd.compressor import Compressor
+from hookd.counter_link import CounterLink
 from hookd.metrics import CONTENT_TYPE, Metrics
 from hookd.settings import Settings
 
@@ -19,11 +20,21 @@ MAX_CONFIG_BODY = 64 * 1024
 
 
 class Admin:
-    def __init__(self, settings: Settings, compressor: Compressor, metrics: Metrics, store: config.Store) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        compressor: Compressor,
+        metrics: Metrics,
+        store: config.Store,
+        counter: CounterLink | None = None,
+    ) -> None:
+        """`counter`: the events process (--events-listen), whose series this page shows after
+        the front end's own."""
         self.settings = settings
         self.compressor = compressor
         self.metrics = metrics
         self.store = store
+        self.counter = counter
         self.draining = False
 
     def routes(self, app: web.Application) -> None:
@@ -38,16 +49,24 @@ class Admin:
 
     async def readyz(self, request: web.Request) -> web.Response:
         workers = self.compressor.worker_info()
+        # Readiness is the hook's: without the events process, events wait in its listener's
+        # queue or go uncounted, and no request is worse off.
+        facts: dict[str, Any] = {"workers": workers}
+        if self.counter is not None:
+            facts["events_process"] = self.counter.info()
         if self.draining:
-            return web.json_response({"status": "draining", "reason": "shutting down", "workers": workers}, status=503)
+            return web.json_response({"status": "draining", "reason": "shutting down", **facts}, status=503)
         if self.compressor.ready():
-            return web.json_response({"status": "ready", "workers": workers})
+            return web.json_response({"status": "ready", **facts})
         waiting = [w["slot"] for w in workers if w["state"] not in ("idle", "busy")]
         reason = f"workers {waiting} are starting or restarting"
-        return web.json_response({"status": "starting", "reason": reason, "workers": workers}, status=503)
+        return web.json_response({"status": "starting", "reason": reason, **facts}, status=503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=await self.metrics.render_yielding(), headers={"Content-Type": CONTENT_TYPE})
+        page = await self.metrics.render_yielding()
+        if self.counter is not None:
+            page += await self.counter.page()
+        return web.Response(body=page, headers={"Content-Type": CONTENT_TYPE})
 
     async def get_config(self, request: web.Request) -> web.Response:
         if not (auth.allowed(request, self.settings.hook_token) or self._is_admin(request)):
@@ -73,6 +92,8 @@ class Admin:
         except OSError as exc:
             log.error("could not save settings: %s", exc)
             return _error(500, f"could not save settings: {exc.strerror or exc}")
+        if self.counter is not None:
+            self.counter.send_prices()
         log.info("settings changed: %s", ", ".join(sorted(change)))
         return web.json_response(self.document())
 

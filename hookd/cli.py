@@ -31,16 +31,16 @@ def parse_listen(value: str) -> tuple[str, int]:
     """HOST:PORT, [IPv6]:PORT or :PORT (all interfaces) into (host, port)."""
     host, sep, port_text = value.rpartition(":")
     if not sep:
-        raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT, got {value!r}")
+        raise argparse.ArgumentTypeError(f"wants HOST:PORT, got {value!r}")
     if ":" in host and not host.startswith("["):
-        raise argparse.ArgumentTypeError(f"--listen wants [ADDRESS]:PORT for IPv6, got {value!r}")
+        raise argparse.ArgumentTypeError(f"wants [ADDRESS]:PORT for IPv6, got {value!r}")
     host = host.strip("[]") or "0.0.0.0"
     try:
         port = int(port_text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--listen port must be a number, got {port_text!r}") from None
+        raise argparse.ArgumentTypeError(f"port must be a number, got {port_text!r}") from None
     if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"--listen port must be 0-65535, got {port}")
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
     return host, port
 
 
@@ -111,6 +111,15 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="address to serve on (default 127.0.0.1:8080). Loopback by default because a hook "
         "sees whole conversations; expose it only on a network you trust.",
+    )
+    parser.add_argument(
+        "--events-listen",
+        type=parse_listen,
+        default=env_value(env, "EVENTS_LISTEN", parse_listen, None),
+        metavar="HOST:PORT",
+        help="take Aperture's entire_request events on this address, in a process of their own at a "
+        "lower CPU priority than the hook's, instead of on --listen's /events; worth it past a few "
+        "events a second (default: --listen's /events)",
     )
     parser.add_argument(
         "--pool-size",
@@ -383,15 +392,19 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         parser.error(str(exc))
     if user_hash_key is not None and len(user_hash_key) < MIN_HASH_KEY_CHARS:
         parser.error(f"{args.user_hash_key_file} holds fewer than {MIN_HASH_KEY_CHARS} characters; too short a key")
-    if not is_loopback_host(host) and hook_token is None and not args.allow_unauthenticated:
-        parser.error(
-            f"refusing to listen on {host}, which is not loopback, without --token-file: a hook "
-            "sees whole conversations. Give a token file, or --allow-unauthenticated if the "
-            "network is yours alone."
-        )
+    if args.events_listen == args.listen and port != 0:
+        parser.error("--events-listen must differ from --listen; leave it out for events at /events on --listen")
+    for address in (host, args.events_listen[0] if args.events_listen else "127.0.0.1"):
+        if not is_loopback_host(address) and hook_token is None and not args.allow_unauthenticated:
+            parser.error(
+                f"refusing to listen on {address}, which is not loopback, without --token-file: a hook "
+                "sees whole conversations. Give a token file, or --allow-unauthenticated if the "
+                "network is yours alone."
+            )
     return Settings(
         host=host,
         port=port,
+        events_listen=args.events_listen,
         pool_size=args.pool_size,
         max_compress=args.max_compress,
         state_dir=args.state_dir,

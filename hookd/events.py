@@ -8,7 +8,8 @@ ever wired as a `pre_request` hook by mistake), and only then, once no hook call
 it (`hookd.usage`), the facts the hook recorded for the same `request_id` (`hookd.ledger`),
 hookd's estimate of the bill without it (`hookd.estimator`), and the series of
 `hookd.usage_metrics`. No worker is involved, and nothing of the event's content is kept or
-logged: only its token counts and labels reach the counters.
+logged: only its token counts and labels reach the counters. It is served by the front end on
+/events, or with --events-listen by a process of its own (`hookd.counter`), with its own ledger.
 
 Every event is answered 200 (401 without the hook token when one is set, 405 for a method other
 than POST) and counted under one outcome of `hookd_usage_events_total`: matched, unmatched (usage
@@ -28,16 +29,17 @@ import asyncio
 import contextlib
 import logging
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from hookd import auth, codings, estimator, protocol, usage
-from hookd.deferred import Deferred
-from hookd.hook import Hook, ReadError, offload
-from hookd.ledger import Facts
-from hookd.metrics import Metrics
+from hookd.deferred import Deferred, Quiet
+from hookd.hook import ReadError, offload, read_body
+from hookd.ledger import Facts, Ledger
+from hookd.metrics import ModelLabels
 from hookd.prices import Prices, resolve
 from hookd.settings import Settings
 from hookd.usage_metrics import UsageMetrics, UserLabels, Who
@@ -66,16 +68,28 @@ JSON = "application/json"
 
 
 class Events:
-    def __init__(self, settings: Settings, hook: Hook, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        price_table: Callable[[], dict[str, Prices]],
+        quiet: Quiet,
+        registry: CollectorRegistry,
+        models: ModelLabels,
+    ) -> None:
+        """`ledger`: what the hook noted of each request. `price_table`: the prices in force.
+        `quiet`: whether a hook call is in progress in this process. The series go to
+        `registry`, sharing the hook's `models` labels when they are in the same one."""
         self.settings = settings
-        self.hook = hook
+        self.ledger = ledger
+        self.price_table = price_table
         users = UserLabels(settings.max_user_labels, settings.user_hash_key)
-        self.metrics = UsageMetrics(metrics.registry, metrics.models, users)
+        self.metrics = UsageMetrics(registry, models, users)
         for outcome in OUTCOMES:
             self.metrics.events.labels(outcome)
-        hook.ledger.unmatched = self.modelled
-        self.deferred = Deferred(hook.quiet, BACKLOG_BYTES, BACKLOG_DELAY_S)
-        self.metrics.pending.set_function(lambda: len(hook.ledger))
+        ledger.unmatched = self.modelled
+        self.deferred = Deferred(quiet, BACKLOG_BYTES, BACKLOG_DELAY_S)
+        self.metrics.pending.set_function(lambda: len(ledger))
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", PATH, self.receive)
@@ -97,7 +111,7 @@ class Events:
             self.count("encoding")
             return _answer(200, protocol.ALLOW)
         try:
-            wire = await self.hook.read_body(request)
+            wire = await read_body(request, self.settings)
         except codings.TooLarge:
             self.count("too-large")
             return _answer(200, protocol.ALLOW, close=True)
@@ -139,7 +153,7 @@ class Events:
             # The hook's record stays: if no usable event follows, the cache model counts it.
             self.count("no-usage")
             return
-        facts = self.hook.ledger.take(event.request_id) if event.request_id else None
+        facts = self.ledger.take(event.request_id) if event.request_id else None
         if facts is None:
             prices = self.prices(event.provider, event.model)
             who = self.metrics.who(event.provider, event.model, event.user)
@@ -167,7 +181,7 @@ class Events:
         return self.metrics.who(provider, model, user), self.prices(provider, model)
 
     def prices(self, provider: str, model: str) -> Prices:
-        return resolve(self.hook.store.price_table(), provider, model)
+        return resolve(self.price_table(), provider, model)
 
     def count(self, outcome: str) -> None:
         self.metrics.events.labels(outcome).inc()
@@ -191,7 +205,7 @@ class Events:
         while True:
             await asyncio.sleep(SWEEP_S)
             try:
-                self.hook.ledger.expire()
+                self.ledger.expire()
             except Exception as exc:
                 # Counting must never take the service down; the next sweep tries again.
                 _bug(exc)

@@ -24,7 +24,7 @@ from hookd.compressor import Compressor, CompressorError, Job, Overloaded, Resul
 from hookd.config import Store
 from hookd.conversation import Conversations, Turn
 from hookd.deferred import Quiet
-from hookd.ledger import Facts, Ledger
+from hookd.ledger import Facts, Ledger, Notebook
 from hookd.metrics import Metrics
 from hookd.settings import Settings
 
@@ -83,6 +83,31 @@ async def offload(size: int, fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
 
+async def read_body(request: web.Request, settings: Settings) -> bytearray:
+    """The body as it crossed the wire, under the caps (`--read-timeout`, `max_wire_bytes`)."""
+    limit = settings.max_wire_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise codings.TooLarge(f"Content-Length {request.content_length} exceeds {limit}")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(settings.read_timeout):
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise codings.TooLarge(f"body exceeds {limit} bytes")
+    except codings.TooLarge:
+        raise
+    except TimeoutError:
+        raise ReadError(f"body not received within {settings.read_timeout} s") from None
+    except (ConnectionError, asyncio.IncompleteReadError, web.HTTPException) as exc:
+        raise ReadError(str(exc) or type(exc).__name__) from None
+    except Exception as exc:
+        # aiohttp reports a broken chunked body or an early hang-up as ClientPayloadError
+        # and friends; whatever the class, the body did not arrive.
+        raise ReadError(f"{type(exc).__name__}: {exc}") from None
+    return body
+
+
 class Hook:
     def __init__(
         self,
@@ -92,10 +117,12 @@ class Hook:
         store: Store,
         clock: Callable[[], float] = time.time,
         records: sticky.Records | None = None,
+        ledger: Notebook | None = None,
     ) -> None:
         """`clock`: wall-clock seconds, which the cache model measures idle time with (the
         benchmarks replay recorded sessions on their own clock). `records`: where conversation
-        records live; this process's memory unless given."""
+        records live; this process's memory unless given. `ledger`: where what each answered
+        request did is noted; this process's memory unless given."""
         self.settings = settings
         self.compressor = compressor
         self.metrics = metrics
@@ -105,7 +132,7 @@ class Hook:
             records = sticky.Memory(sticky.Store(max_bytes, settings.sticky_ttl, clock))
         self.conversations = Conversations(store, compressor, records, max_bytes, clock)
         # What each answered request did, for the provider's usage events to be matched to.
-        self.ledger = Ledger()
+        self.ledger = ledger if ledger is not None else Ledger()
         metrics.sticky_bytes.set_function(lambda: records.bytes)
         metrics.sticky_conversations.set_function(lambda: len(records))
         # Set when a shutdown's drain time is up: calls still running are answered allow.
@@ -166,7 +193,7 @@ class Hook:
 
         read_started = time.perf_counter()
         try:
-            wire = await self.read_body(request)
+            wire = await read_body(request, self.settings)
         except codings.TooLarge:
             return Answer("allow(too-large)", close=True)
         except ReadError as exc:
@@ -197,29 +224,6 @@ class Hook:
         if not call.messages:
             return Answer("allow(noop)")
         return await self.compress(call, rec)
-
-    async def read_body(self, request: web.Request) -> bytearray:
-        limit = self.settings.max_wire_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise codings.TooLarge(f"Content-Length {request.content_length} exceeds {limit}")
-        body = bytearray()
-        try:
-            async with asyncio.timeout(self.settings.read_timeout):
-                while chunk := await request.content.readany():
-                    body += chunk
-                    if len(body) > limit:
-                        raise codings.TooLarge(f"body exceeds {limit} bytes")
-        except codings.TooLarge:
-            raise
-        except TimeoutError:
-            raise ReadError(f"body not received within {self.settings.read_timeout} s") from None
-        except (ConnectionError, asyncio.IncompleteReadError, web.HTTPException) as exc:
-            raise ReadError(str(exc) or type(exc).__name__) from None
-        except Exception as exc:
-            # aiohttp reports a broken chunked body or an early hang-up as ClientPayloadError
-            # and friends; whatever the class, the body did not arrive.
-            raise ReadError(f"{type(exc).__name__}: {exc}") from None
-        return body
 
     async def compress(self, call: protocol.HookCall, rec: summary.Record) -> Answer:
         session = session_key(call.session_id, call.messages)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 from hookd.prices import Usage
 
@@ -35,6 +36,24 @@ class Facts:
     modelled_without: Usage = field(default_factory=Usage)  # the same for the request as it came
     read_price: float = 0.1
     write_price: float = 1.25
+
+
+def as_wire(facts: Facts) -> dict[str, Any]:
+    """The facts as plain JSON values, for the events process (`hookd.counter`)."""
+    return asdict(facts)
+
+
+def from_wire(value: dict[str, Any]) -> Facts:
+    """The facts `as_wire` sent; a field missing or of the wrong kind raises TypeError."""
+    usage = {name: Usage(**value.pop(name, {})) for name in ("modelled", "modelled_without")}
+    return Facts(**value, **usage)
+
+
+class Notebook(Protocol):
+    """Where the hook notes what it did to each request: a `Ledger` in this process, or the
+    events process's (`hookd.counter_link`)."""
+
+    def note(self, request_id: str, facts: Facts) -> None: ...
 
 
 class Ledger:

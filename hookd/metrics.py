@@ -130,6 +130,17 @@ class Metrics:
         self.worker_restarts = Counter(
             "hookd_worker_restarts", "Worker processes that exited and were respawned", registry=r
         )
+        self.events_process_restarts = Counter(
+            "hookd_events_process_restarts",
+            "Times the events process (--events-listen) exited and was started again",
+            registry=r,
+        )
+        self.notes_dropped = Counter(
+            "hookd_events_notes_dropped",
+            "Answered requests whose facts the events process did not get (it was down or behind); "
+            "their events count as unmatched",
+            registry=r,
+        )
         self.worker_recycles = Counter(
             "hookd_worker_recycles", "Workers replaced because their memory passed --worker-max-rss", registry=r
         )
@@ -222,27 +233,32 @@ class Metrics:
             self.rewrite_tokens.labels(rec.rewrite).inc(rec.rewrite_tokens)
 
     def render(self) -> bytes:
-        return b"".join(self.pieces())
+        return b"".join(pieces(self.registry))
 
     async def render_yielding(self) -> bytes:
-        """The page, rendered a piece at a time with the event loop free between pieces, so a
-        scrape cannot hold up the hook calls that arrive while it is being written."""
-        parts = []
-        for part in self.pieces():
-            parts.append(part)
-            await asyncio.sleep(0)
-        return b"".join(parts)
+        return await render_yielding(self.registry)
 
-    def pieces(self) -> Iterator[bytes]:
-        """The exposition format in pieces of at most `SAMPLES_PER_PIECE` samples. A family
-        split over pieces keeps its `# HELP` and `# TYPE` lines in the first only: the format
-        allows them once per family, its samples following them together."""
-        for family in self.registry.collect():
-            for start in range(0, max(len(family.samples), 1), SAMPLES_PER_PIECE):
-                piece = Metric(family.name, family.documentation, family.type, family.unit)
-                piece.samples = family.samples[start : start + SAMPLES_PER_PIECE]
-                text = generate_latest(_Family(piece))
-                yield text if start == 0 else text.split(b"\n", 2)[2]
+
+async def render_yielding(registry: CollectorRegistry) -> bytes:
+    """The page, rendered a piece at a time with the event loop free between pieces, so a
+    scrape cannot hold up the hook calls that arrive while it is being written."""
+    parts = []
+    for part in pieces(registry):
+        parts.append(part)
+        await asyncio.sleep(0)
+    return b"".join(parts)
+
+
+def pieces(registry: CollectorRegistry) -> Iterator[bytes]:
+    """The exposition format in pieces of at most `SAMPLES_PER_PIECE` samples. A family split
+    over pieces keeps its `# HELP` and `# TYPE` lines in the first only: the format allows them
+    once per family, its samples following them together."""
+    for family in registry.collect():
+        for start in range(0, max(len(family.samples), 1), SAMPLES_PER_PIECE):
+            piece = Metric(family.name, family.documentation, family.type, family.unit)
+            piece.samples = family.samples[start : start + SAMPLES_PER_PIECE]
+            text = generate_latest(_Family(piece))
+            yield text if start == 0 else text.split(b"\n", 2)[2]
 
 
 class _Family:

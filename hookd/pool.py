@@ -365,9 +365,7 @@ class WorkerPool:
 
     async def _read(self, worker: Worker) -> dict[str, Any]:
         assert worker.reader is not None
-        header = await worker.reader.readexactly(frames.HEADER.size)
-        payload = await worker.reader.readexactly(frames.frame_length(header))
-        return frames.loads(payload)
+        return await frames.read(worker.reader)
 
     def _kill(self, worker: Worker, why: str) -> None:
         """Mark the worker dead and kill it; its supervisor reaps it and spawns a new one."""

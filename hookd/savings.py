@@ -1,7 +1,8 @@
 """`hookd savings URL`: what hookd saved, per user and model, read from a running hookd's /metrics.
 
 The figures are the counters of `hookd.usage_metrics`, so they cover what the counters cover:
-everything since that hookd started (`process_start_time_seconds`), or, with `--since FILE`, the
+everything since that hookd started (`process_start_time_seconds`, or when its events process
+did, `hookd_usage_counting_since_seconds`, if later), or, with `--since FILE`, the
 difference from a snapshot taken earlier with `--save FILE` (save one every Monday, report the
 week). A hookd restarted since the snapshot has counted afresh: the report then says so and
 covers the time since its start instead. Several replicas each count their own requests: run it
@@ -38,7 +39,8 @@ SERIES = {
     "modelled_billed_kinds": "hookd_modelled_billed_input_tokens_total",
     "modelled_without_kinds": "hookd_modelled_estimated_input_tokens_total",
 }
-STARTED = "process_start_time_seconds"
+COUNTING_SINCE = "hookd_usage_counting_since_seconds"
+STARTED = ("process_start_time_seconds", COUNTING_SINCE)
 Samples = dict[tuple[str, str, str, str], float]  # (series, user, model, kind) -> value
 
 
@@ -133,6 +135,14 @@ def main(argv: Sequence[str]) -> int:
     except (OSError, urllib.error.URLError) as exc:
         print(f"hookd savings: cannot read {metrics_url(args.url)}: {exc}", file=sys.stderr)
         return 2
+    if COUNTING_SINCE not in text:
+        # A page without usage series would report nothing saved, as if that were the truth.
+        print(
+            f"hookd savings: {metrics_url(args.url)} has no usage series; is it hookd's? (With "
+            "--events-listen, its events process may not have answered in time: try again.)",
+            file=sys.stderr,
+        )
+        return 2
     taken = time.time()
     samples, started = read(text)
     baseline: Snapshot | None = None
@@ -166,8 +176,8 @@ def read(text: str) -> tuple[Samples, float]:
     started = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == STARTED:
-                started = sample.value
+            if sample.name in STARTED:
+                started = max(started, sample.value)
             key = wanted.get(sample.name)
             if key is None:
                 continue

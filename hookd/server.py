@@ -29,24 +29,26 @@ from typing import Any
 from aiohttp import hdrs, web
 from aiohttp.web_protocol import RequestHandler
 
+from hookd import auth
 from hookd.admin import Admin, ml_summary
 from hookd.compressor import Compressor
 from hookd.config import Store
+from hookd.counter_link import CounterLink
+from hookd.events import PATH as EVENTS_PATH
 from hookd.events import Events
 from hookd.hook import Hook
+from hookd.ledger import Ledger
 from hookd.listener import BACKLOG, Listener, ListenError, open_listener, own_socket
 from hookd.metrics import Metrics
+from hookd.runner import WRITE_MARGIN_S, make_runner
 from hookd.sdnotify import Notifier
 from hookd.settings import Settings
 from hookd.shared_state import open_records
 from hookd.sticky import Records
 
 log = logging.getLogger("hookd")
-# Answers already decided when the drain time ran out still need a moment to be written.
-WRITE_MARGIN_S = 2.0
 EXIT_ON_SECOND_SIGNAL = 130
 EXIT_CANNOT_LISTEN = 2
-IDLE_TIMEOUT_S = 120.0
 # While draining, a connection is closed once it owes nothing and has been quiet this long: a
 # client that has just connected, or just read an answer, may be writing its next request.
 QUIET_S = 1.0
@@ -62,44 +64,47 @@ def build_app(
     store: Store,
     clock: Callable[[], float] = time.time,
     records: Records | None = None,
+    counter: CounterLink | None = None,
 ) -> web.Application:
-    """`records`: where conversation records live (this process's memory unless given)."""
+    """`records`: where conversation records live (this process's memory unless given).
+    `counter`: the events process (--events-listen); without it, events come to /events here."""
     app = web.Application(middlewares=[_answer_in_full])
     app.on_response_prepare.append(_last_answer_when_draining)
-    admin = Admin(settings, compressor, metrics, store)
-    hook = Hook(settings, compressor, metrics, store, clock, records)
+    admin = Admin(settings, compressor, metrics, store, counter)
+    ledger = Ledger()
+    hook = Hook(settings, compressor, metrics, store, clock, records, counter or ledger)
     admin.routes(app)
-    Events(settings, hook, metrics).routes(app)
+    if counter is None:
+        Events(settings, ledger, store.price_table, hook.quiet, metrics.registry, metrics.models).routes(app)
+    else:
+        app.router.add_route("*", EVENTS_PATH, _Misdirected(settings))
     # The hook answers on every other path: the operator picks the URL in Aperture's config.
     app.router.add_route("*", "/{tail:.*}", hook.hook)
     app[ADMIN], app[HOOK] = admin, hook
     return app
 
 
-async def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
-    # auto_decompress off: we count the bytes that crossed the wire and decode them ourselves
-    # under a size cap. Handlers are not cancelled when a client hangs up, so an abandoned
-    # compression still finishes and leaves its worker warm.
-    runner = web.AppRunner(
-        app,
-        auto_decompress=False,
-        access_log=None,
-        handler_cancellation=False,
-        # The drain has already waited for the answers (Site.settle); this bounds only what is
-        # left once the drain time is up.
-        shutdown_timeout=WRITE_MARGIN_S,
-        # Also bounds a connection that never completes its headers (slowloris): aiohttp closes
-        # it once this passes. Longer than Go's 90 s idle timeout, so Aperture's client closes
-        # its idle connections first and never sends on one we are closing.
-        keepalive_timeout=IDLE_TIMEOUT_S,
-    )
-    await runner.setup()
-    return runner
+class _Misdirected:
+    """An event sent to /events on --listen when events have their own listener: not a hook call,
+    so answered like an event (with the hook's token), and said once, so the operator fixes
+    Aperture's URL."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.said = False
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        if not auth.allowed(request, self.settings.hook_token):
+            return web.json_response({"error": "missing or wrong hook token"}, status=401)
+        if not self.said:
+            self.said = True
+            log.warning("an event came to %s on --listen; point Aperture's events hook at --events-listen", EVENTS_PATH)
+        return web.json_response({"action": "allow"})
 
 
 async def start_site(app: web.Application, settings: Settings) -> web.AppRunner:
     """The app served on its own socket on settings' address (for tests)."""
-    runner = await make_runner(app, settings)
+    runner = await make_runner(app)
     await Site(runner, Listener([own_socket(settings.host, settings.port)[0]])).start()
     return runner
 
@@ -249,14 +254,22 @@ async def run(settings: Settings) -> int:
     store = Store(settings.state_dir, settings.affinity_wait)
     metrics = Metrics()
     pool = WorkerPool(settings, metrics)
-    app = build_app(settings, pool, metrics, store, records=await open_records(settings, metrics))
+    try:
+        counter = _counter(settings, store, metrics)
+    except OSError as exc:
+        log.error("cannot listen for events: %s", exc)
+        return EXIT_CANNOT_LISTEN
+    records = await open_records(settings, metrics)
+    app = build_app(settings, pool, metrics, store, records=records, counter=counter)
     notifier = Notifier()
-    runner = await make_runner(app, settings)
+    runner = await make_runner(app)
     site = Site(runner, listener)
     if listener.shared:
         log.info("%s is already served by another process; joining it once every worker is warm", site.name)
     else:
         await _listen(site, settings)
+    if counter is not None:
+        counter.start()
     await pool.start()
     # What start-up built (modules, the app, the tables) lives as long as the process. Frozen, it
     # is left out of full collections, which otherwise scan it at every one: ~45 ms each on a
@@ -269,7 +282,20 @@ async def run(settings: Settings) -> int:
     await stop.wait()
     announcing.cancel()
     await _drain(app, runner, site, pool, notifier, settings)
+    if counter is not None:
+        await counter.stop()
+        counter.listening.close()
+    log.info("stopped")
     return 0
+
+
+def _counter(settings: Settings, store: Store, metrics: Metrics) -> CounterLink | None:
+    """The events process's link, its listener open, when events have their own (--events-listen)."""
+    if settings.events_listen is None:
+        return None
+    sock, _ = own_socket(*settings.events_listen)
+    sock.listen(BACKLOG)
+    return CounterLink(settings, sock, store, metrics)
 
 
 async def _listen(site: Site, settings: Settings) -> None:
@@ -325,7 +351,6 @@ async def _drain(
     await site.settle(loop.time() + settings.drain_timeout + WRITE_MARGIN_S)
     await runner.cleanup()
     await pool.stop(grace=1.0)
-    log.info("stopped")
 
 
 def serve(settings: Settings) -> int:

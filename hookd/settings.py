@@ -31,6 +31,9 @@ def default_pool_size() -> int:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
+    # Where Aperture's entire_request events are taken, by a process of their own (`hookd.counter`);
+    # None: on the hook's own listener, at /events.
+    events_listen: tuple[str, int] | None = None
     pool_size: int = 1
     max_compress: float = 60.0
     state_dir: Path = Path("hookd-state")

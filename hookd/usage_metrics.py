@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -66,6 +67,14 @@ class UsageMetrics:
         self.users = users
         self.children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         r = registry
+        # The events process (--events-listen) can restart without the front end: these counters
+        # then start again from zero, and `hookd savings` must know they did.
+        self.counting_since = Gauge(
+            "hookd_usage_counting_since_seconds",
+            "When the usage counters started from zero (Unix time): hookd's start, or the events process's",
+            registry=r,
+        )
+        self.counting_since.set(time.time())
         self.events = Counter(
             "hookd_usage_events", "entire_request events received, by what became of them", ["outcome"], registry=r
         )

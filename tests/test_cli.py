@@ -13,6 +13,7 @@ from hookd.settings import Settings
 
 FLAGS = [
     "--listen",
+    "--events-listen",
     "--pool-size",
     "--max-compress",
     "--state-dir",
@@ -110,6 +111,7 @@ def test_process_environment_is_read_when_env_is_not_given(monkeypatch: pytest.M
         (["--listen", "hookd.example.ts.net:80"], "host", "hookd.example.ts.net"),
         (["--listen", ":7000"], "host", "0.0.0.0"),
         (["--listen=10.0.0.1:0"], "port", 0),
+        (["--events-listen", "127.0.0.1:8081"], "events_listen", ("127.0.0.1", 8081)),
         (["--pool-size", "3"], "pool_size", 3),
         (["--max-compress", "12.5"], "max_compress", 12.5),
         (["--state-dir", "/var/lib/hookd"], "state_dir", Path("/var/lib/hookd")),
@@ -159,6 +161,7 @@ def test_ipv6_listen_address(listen: str, host: str, port: int) -> None:
     [
         ({"HOOKD_LISTEN": "[::1]:9001"}, "host", "::1"),
         ({"HOOKD_LISTEN": "[::1]:9001"}, "port", 9001),
+        ({"HOOKD_EVENTS_LISTEN": "127.0.0.1:8081"}, "events_listen", ("127.0.0.1", 8081)),
         ({"HOOKD_POOL_SIZE": "5"}, "pool_size", 5),
         ({"HOOKD_MAX_COMPRESS": "30"}, "max_compress", 30.0),
         ({"HOOKD_STATE_DIR": "/tmp/state"}, "state_dir", Path("/tmp/state")),
@@ -218,6 +221,8 @@ def test_a_flag_beats_the_environment(argv: list[str], env: dict[str, str], fiel
         (["--listen", "127.0.0.1:-1"], "0-65535"),
         (["--listen", "localhost"], "HOST:PORT"),
         (["--listen", "localhost:http"], "number"),
+        (["--events-listen", "8081"], "--events-listen"),
+        (["--events-listen", "127.0.0.1:80000"], "0-65535"),
         (["--pool-size", "0"], "at least 1"),
         (["--pool-size", "-2"], "at least 1"),
         (["--pool-size", "two"], "--pool-size"),
@@ -298,6 +303,16 @@ def test_every_flag_in_the_parser_is_tested() -> None:
 def test_non_loopback_without_a_token_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     message = exit_message(capsys, "--listen", "0.0.0.0:8080")
     assert "not loopback" in message and "--token-file" in message
+
+
+def test_events_on_a_non_loopback_address_without_a_token_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    message = exit_message(capsys, "--events-listen", "0.0.0.0:8081")
+    assert "0.0.0.0" in message and "--token-file" in message
+
+
+def test_events_on_the_hooks_own_address_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    message = exit_message(capsys, "--listen", "127.0.0.1:8080", "--events-listen", "127.0.0.1:8080")
+    assert "--events-listen must differ from --listen" in message
 
 
 def test_non_loopback_with_a_token_is_allowed(tmp_path: Path) -> None:

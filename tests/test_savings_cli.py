@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from hookd import cli
+from hookd import savings as savings_command
 from hookd.prices import Usage
 from tests import aperture_events
+from tests.hookd_process import free_port
 from tests.usage_app import Served, Servers, value
 
 ANN, BOB = "ann@example.com", "bob@example.com"
@@ -115,6 +118,15 @@ async def test_a_saved_snapshot_gives_the_difference_since(
     assert "restarted after the snapshot" in report["window"]
 
 
+def test_counts_run_from_the_events_process_start_when_it_restarted_since_hookd() -> None:
+    # With --events-listen the usage counters live in the events process, which may restart alone.
+    page = (
+        "# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds 1000.0\n"
+        "# TYPE hookd_usage_counting_since_seconds gauge\nhookd_usage_counting_since_seconds 5000.0\n"
+    )
+    assert savings_command.read(page)[1] == 5000.0
+
+
 async def test_requests_without_an_event_are_reported_from_the_cache_model(
     serve: Callable[..., Any], anthropic_messages: Any
 ) -> None:
@@ -132,6 +144,25 @@ async def test_requests_without_an_event_are_reported_from_the_cache_model(
 async def test_an_unreachable_hookd_is_an_error_saying_where() -> None:
     status, _, err = await savings("http://127.0.0.1:9/")
     assert status == 2 and "http://127.0.0.1:9/metrics" in err
+
+
+async def test_a_page_without_usage_series_is_an_error_not_a_report_of_nothing() -> None:
+    # What /metrics shows when the events process (--events-listen) did not answer in time.
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="process_start_time_seconds 1000.0\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        status, out, err = await savings(f"http://127.0.0.1:{port}/")
+    finally:
+        await runner.cleanup()
+    assert (status, out) == (2, "")
+    assert "no usage series" in err
 
 
 async def test_odd_label_values_and_a_broken_snapshot(serve: Callable[..., Any], tmp_path: Path) -> None:

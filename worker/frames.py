@@ -6,6 +6,7 @@ front end treats as a failed call, and neither side ever unpickles what the othe
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 from typing import Any
@@ -40,6 +41,17 @@ def loads(payload: bytes | bytearray) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise FrameError("frame is not a JSON object")
     return value
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    payload = orjson.dumps(message)
+    return header_for(payload) + payload
+
+
+async def read(reader: asyncio.StreamReader) -> dict[str, Any]:
+    """The next frame, for the front end's side (asyncio); IncompleteReadError at the end."""
+    header = await reader.readexactly(HEADER.size)
+    return loads(await reader.readexactly(frame_length(header)))
 
 
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
